@@ -1,0 +1,26 @@
+# The two commands:   make demo   |   make test
+# Each creates or refreshes ./.venv by itself (pip, so that torch comes from the CPU pin).
+# GPU machines: install your CUDA torch into .venv first, then `make CONSTRAINTS= test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+CONSTRAINTS ?= constraints-cpu.txt
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+$(STAMP): pyproject.toml $(CONSTRAINTS)
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e '.[dev]'
+	touch $(STAMP)
+
+.PHONY: setup demo test bench
+setup: $(STAMP)
+
+demo: $(STAMP)
+	bash scripts/demo.sh
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(PY) -m benchmarks.model_bench
