@@ -176,11 +176,12 @@ class GPT(nn.Module):
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
         if position_ids is None:
+            # Checked on Python ints: no device sync, no graph break under torch.compile.
+            if start + T > self.config.block_size:
+                raise ValueError(f"sequence of {start + T} positions is past block_size {self.config.block_size}")
             position_ids = torch.arange(start, start + T, device=idx.device)
         if position_ids.dim() == 1:
             position_ids = position_ids.unsqueeze(0).expand(B, T)
-        if int(position_ids.max()) >= self.config.block_size:
-            raise ValueError(f"position {int(position_ids.max())} is past block_size {self.config.block_size}")
         if attn_mask is None and start > 0 and T > 1:
             # A multi-token step after a cached prefix: causal with an offset.
             attn_mask = torch.ones(T, start + T, dtype=torch.bool, device=idx.device).tril(start)
