@@ -1,0 +1,334 @@
+"""Sharding job: raw text sources -> token shards + manifest.json (format: gpt/shards.py).
+
+One machine (writes DIR/manifest.json when done):
+
+    python -m data_prep.make_shards --source data/shakespeare.jsonl.gz \\
+        --tokenizer runs/demo/tokenizer.json --out runs/demo/shards --num_proc 2 --val_fraction 0.1
+
+Slurm array (each task writes its own shards and DIR/tasks/task_NNNNN.json; --num_tasks and
+--task_id default to SLURM_ARRAY_TASK_COUNT and SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN),
+then one merge writes DIR/manifest.json for all of them:
+
+    sbatch --array=0-15 --wrap "python -m data_prep.make_shards --source 'crawl/*.jsonl.gz' \\
+        --tokenizer tok.json --out DIR --num_proc 8"
+    python -m data_prep.make_shards merge --out DIR
+
+How it works. Every task streams all sources (reading is cheap next to tokenizing) and keeps
+the documents whose text hash falls in its slice, so exact duplicates always meet in the same
+task and are dropped there (counted), and the validation hold-out (hash < val_fraction) is a
+pure function of the text. Documents are batched to `num_proc` worker processes with a bounded
+number of batches in flight, and written in input order, so the output is identical for any
+`num_proc`. Each document ends with the end-of-text id. Memory: one batch per worker, one
+document, and the dedup set (~100 bytes per unique document of the task).
+
+Resume: a task's `tasks/task_NNNNN.json` is written last, after its shards; a re-run skips
+tasks that have one and redoes the others from scratch (shards are written as `.tmp` and
+renamed, and the leftovers of an unfinished task are deleted first), so a job killed at any
+point, even by SIGKILL, finishes on the next run.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import sys
+import time
+from collections import Counter, deque
+from itertools import chain
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import numpy as np
+
+from data_prep.sources import DataPrepError, DocumentStream, describe, resolve_sources, split_long
+from gpt.shards import (FORMAT, VERSION, ShardError, ShardWriter, atomic_write_bytes, dtype_for_vocab,
+                        split_summary, write_manifest)
+from gpt.tokenizer import Tokenizer
+
+TASKS_DIR = "tasks"
+SPLITS = ("train", "val")
+_WORKER_TOK: Optional[Tokenizer] = None
+
+
+def task_from_env(num_tasks: Optional[int], task_id: Optional[int]) -> tuple[int, int]:
+    """(num_tasks, task_id) from the arguments, else from a Slurm array's environment."""
+    env = os.environ
+    if num_tasks is None:
+        num_tasks = int(env.get("SLURM_ARRAY_TASK_COUNT", 1))
+    if task_id is None:
+        if "SLURM_ARRAY_TASK_ID" in env:
+            task_id = int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", 0))
+        elif num_tasks == 1:
+            task_id = 0
+        else:
+            raise DataPrepError(f"--num_tasks {num_tasks} needs --task_id (or run inside a Slurm array)")
+    if not 0 <= task_id < num_tasks:
+        raise DataPrepError(f"--task_id {task_id} is outside 0..{num_tasks - 1}")
+    return num_tasks, task_id
+
+
+def doc_route(data: bytes, num_tasks: int, val_fraction: float) -> tuple[bytes, int, bool]:
+    """(dedup key, owning task, is validation) — all pure functions of the text."""
+    d = hashlib.blake2b(data, digest_size=16).digest()
+    task = int.from_bytes(d[:8], "little") % num_tasks
+    return d, task, int.from_bytes(d[8:], "little") < val_fraction * 2.0**64
+
+
+def _init_worker(tok_json: str) -> None:
+    global _WORKER_TOK
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # num_proc processes already fill the cores
+    _WORKER_TOK = Tokenizer.from_str(tok_json)
+
+
+def encode_docs(pieces: list[str], counts: list[int], eot: int, dtype: str,
+                tok: Optional[Tokenizer] = None) -> tuple[np.ndarray, np.ndarray]:
+    """Tokenize documents given as pieces; returns (all tokens, tokens per document).
+
+    Each document's pieces are concatenated and followed by the end-of-text id.
+    """
+    ids = (tok or _WORKER_TOK).encode_batch(pieces)
+    flat, lengths, i = [], np.empty(len(counts), dtype=np.int64), 0
+    for d, c in enumerate(counts):
+        start = len(flat)
+        flat.extend(chain.from_iterable(ids[i:i + c]))
+        flat.append(eot)
+        lengths[d] = len(flat) - start
+        i += c
+    return np.array(flat, dtype=dtype), lengths
+
+
+def _task_path(out: Path, task_id: int) -> Path:
+    return out / TASKS_DIR / f"task_{task_id:05d}.json"
+
+
+def _finished_task(out: Path, task_id: int, settings: dict) -> Optional[dict]:
+    """The partial manifest of a task that completed with these settings, else None."""
+    path = _task_path(out, task_id)
+    if not path.is_file():
+        return None
+    part = json.loads(path.read_text())
+    if part["settings"] != settings:
+        changed = sorted(k for k in settings if part["settings"].get(k) != settings[k])
+        raise DataPrepError(f"{out} holds shards made with other settings ({', '.join(changed)}); "
+                            "use a new --out or delete it")
+    for rec in chain.from_iterable(part["splits"].values()):
+        f = out / rec["file"]
+        if not f.is_file() or f.stat().st_size != rec["bytes"]:
+            return None  # a shard went missing since: redo the task
+    return part
+
+
+class _Progress:
+    def __init__(self, enabled: bool, task_id: int):
+        from tqdm import tqdm
+        self.bar = tqdm(unit=" docs", disable=not enabled, desc=f"task {task_id}",
+                        mininterval=0.5 if sys.stderr.isatty() else 30, dynamic_ncols=True)
+        self.t0, self.tokens = time.perf_counter(), 0
+
+    def update(self, docs: int, tokens: int) -> None:
+        self.tokens += tokens
+        rate = self.tokens / max(time.perf_counter() - self.t0, 1e-9)
+        self.bar.set_postfix_str(f"{self.tokens / 1e6:.1f}M tokens, {rate / 1e6:.2f}M tok/s", refresh=False)
+        self.bar.update(docs)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def make_shards(source: Union[str, list[str]], tokenizer: str, out: str, text_field: str = "text",
+                num_proc: int = 1, val_fraction: float = 0.005, max_tokens_per_shard: int = 100_000_000,
+                num_tasks: Optional[int] = None, task_id: Optional[int] = None, max_doc_chars: int = 0,
+                piece_chars: int = 1_000_000, max_bad_lines: int = 0,
+                reader: Literal["auto", "datasets"] = "auto", hub_split: str = "train",
+                txt_sample_by: Literal["line", "paragraph", "document"] = "paragraph",
+                batch_chars: int = 1_000_000, progress: bool = True) -> dict[str, Any]:
+    """Tokenize sources into shards; returns the task's partial manifest (or the merged one).
+
+    Args:
+        source: local files, globs (quote them) or Hub dataset names; one or a list.
+        tokenizer: tokenizer.json, a directory holding one, or GPT-2 vocab.json + merges.txt.
+        out: dataset directory for the shards and manifest.json.
+        text_field: the field holding the document text.
+        num_proc: tokenizer worker processes.
+        val_fraction: share of documents held out for validation (by text hash).
+        max_tokens_per_shard: shard size bound (100 M tokens = 200 MB in uint16).
+        num_tasks: tasks of a job array (default: SLURM_ARRAY_TASK_COUNT or 1).
+        task_id: this task (default: from SLURM_ARRAY_TASK_ID).
+        max_doc_chars: skip (and count) documents longer than this; 0 = no limit.
+        piece_chars: longer documents are tokenized in pieces of this size cut at line breaks.
+        max_bad_lines: malformed/missing-field records to skip (counted) before failing.
+        reader: "datasets" sends local files through datasets.load_dataset(streaming=True) too.
+        hub_split: split to stream for Hub dataset names.
+        txt_sample_by: documents of .txt sources: lines, blank-line separated paragraphs, or files.
+        batch_chars: characters per batch sent to a worker.
+        progress: show a tqdm progress bar.
+    """
+    num_tasks, task_id = task_from_env(num_tasks, task_id)
+    if not 0.0 <= val_fraction < 1.0:
+        raise DataPrepError(f"--val_fraction must be in [0, 1), got {val_fraction}")
+    sources = resolve_sources(source)
+    try:
+        tok = Tokenizer.from_file(tokenizer)
+    except (OSError, ValueError) as e:
+        raise DataPrepError(f"cannot load tokenizer: {e}") from None
+    out_dir = Path(out)
+    dtype = dtype_for_vocab(tok.vocab_size)
+    settings = {"sources": [s.spec for s in sources], "text_field": text_field,
+                "tokenizer_hash": tok.content_hash, "val_fraction": val_fraction, "num_tasks": num_tasks,
+                "max_tokens_per_shard": max_tokens_per_shard, "max_doc_chars": max_doc_chars,
+                "piece_chars": piece_chars, "reader": reader, "hub_split": hub_split,
+                "txt_sample_by": txt_sample_by}
+    part = _finished_task(out_dir, task_id, settings)
+    if part is not None:
+        print(f"task {task_id}/{num_tasks}: already done ({_task_path(out_dir, task_id)}), skipping", file=sys.stderr)
+    else:
+        part = _run_task(sources, tok, out_dir, settings, dtype, task_id, num_tasks, num_proc,
+                         max_bad_lines, batch_chars, progress)
+    if num_tasks == 1:
+        return merge(str(out_dir))
+    return part
+
+
+def _run_task(sources, tok: Tokenizer, out: Path, settings: dict, dtype: str, task_id: int,
+              num_tasks: int, num_proc: int, max_bad_lines: int, batch_chars: int,
+              progress: bool) -> dict[str, Any]:
+    (out / TASKS_DIR).mkdir(parents=True, exist_ok=True)
+    for stale in out.glob(f"*_t{task_id:05d}_*.bin*"):  # leftovers of a killed run of this task
+        stale.unlink()
+    stream = DocumentStream(sources, settings["text_field"], settings["reader"], settings["max_doc_chars"],
+                            max_bad_lines, settings["hub_split"], settings["txt_sample_by"])
+    stream.skip_hook = lambda index: index % num_tasks == task_id  # each skip counted by one task
+    writers = {s: ShardWriter(out, f"{s}_t{task_id:05d}", dtype, settings["max_tokens_per_shard"]) for s in SPLITS}
+    seen: set[bytes] = set()
+    duplicates = 0
+    bar = _Progress(progress, task_id)
+    pool = (mp.get_context("spawn").Pool(num_proc, _init_worker, (tok.to_str(),)) if num_proc > 1 else None)
+    inflight: deque = deque()
+
+    def drain(limit: int) -> None:
+        while len(inflight) > limit:
+            splits, result = inflight.popleft()
+            tokens, lengths = result.get() if pool else result
+            offset = 0
+            for split, n in zip(splits, lengths):
+                writers[split].add(tokens[offset:offset + n])
+                offset += int(n)
+            bar.update(len(splits), len(tokens))
+
+    def submit(pieces: list[str], counts: list[int], splits: list[str]) -> None:
+        args = (pieces, counts, tok.eot_id, dtype)
+        inflight.append((splits, pool.apply_async(encode_docs, args) if pool else encode_docs(*args, tok=tok)))
+        drain(2 * num_proc if pool else 0)
+
+    try:
+        pieces, counts, splits, chars = [], [], [], 0
+        for text, _where in stream:
+            try:
+                data = text.encode("utf-8")
+            except UnicodeEncodeError:  # lone surrogates from JSON escapes: not encodable text
+                if stream.skip_hook(stream.index):
+                    stream.skipped["invalid_utf8"] += 1
+                continue
+            key, owner, is_val = doc_route(data, num_tasks, settings["val_fraction"])
+            if owner != task_id:
+                continue
+            if key in seen:
+                duplicates += 1
+                continue
+            seen.add(key)
+            doc_pieces = split_long(text, settings["piece_chars"])
+            pieces += doc_pieces
+            counts.append(len(doc_pieces))
+            splits.append("val" if is_val else "train")
+            chars += len(text)
+            if chars >= batch_chars:
+                submit(pieces, counts, splits)
+                pieces, counts, splits, chars = [], [], [], 0
+        if splits:
+            submit(pieces, counts, splits)
+        drain(0)
+    finally:
+        if pool:
+            pool.terminate()
+        bar.close()
+    if num_tasks == 1 and not seen:  # fail before the done marker, so a fixed input re-runs
+        raise _nothing_written(settings["sources"], stream.index, dict(stream.skipped), duplicates)
+    part = {"format": FORMAT + "-task", "version": VERSION, "task_id": task_id, "num_tasks": num_tasks,
+            "settings": settings, "dtype": dtype,
+            "tokenizer": {"hash": tok.content_hash, "vocab_size": tok.vocab_size}, "eot_id": tok.eot_id,
+            "special_ids": tok.special_ids, "sources": describe(sources),
+            "splits": {s: w.close() for s, w in writers.items()},
+            "skipped": dict(sorted(stream.skipped.items())), "duplicates": duplicates,
+            "records_read": stream.index}
+    atomic_write_bytes(_task_path(out, task_id), (json.dumps(part, indent=1) + "\n").encode())  # the done marker
+    n = {s: sum(r["tokens"] for r in part["splits"][s]) for s in SPLITS}
+    print(f"task {task_id}/{num_tasks}: {n['train']} train + {n['val']} val tokens, {len(seen)} documents, "
+          f"{duplicates} duplicates, skipped {part['skipped'] or 'none'}", file=sys.stderr)
+    return part
+
+
+def _nothing_written(sources: list[str], records: int, skipped: dict, duplicates: int) -> DataPrepError:
+    return DataPrepError(f"no documents to write from {', '.join(sources)}: {records} records read, "
+                         f"skipped {skipped or 'none'}, {duplicates} duplicates")
+
+
+def merge(out: str) -> dict[str, Any]:
+    """Combine the tasks' partial manifests of DIR into DIR/manifest.json.
+
+    Args:
+        out: the dataset directory the tasks wrote to.
+    """
+    out_dir = Path(out)
+    paths = sorted((out_dir / TASKS_DIR).glob("task_*.json"))
+    if not paths:
+        raise DataPrepError(f"{out_dir}: no finished tasks ({TASKS_DIR}/task_*.json) to merge")
+    parts = [json.loads(p.read_text()) for p in paths]
+    first = parts[0]
+    num_tasks = first["num_tasks"]
+    for p, part in zip(paths, parts):
+        if part["settings"] != first["settings"]:
+            raise DataPrepError(f"{p}: made with other settings than {paths[0].name}; cannot merge")
+    have = {part["task_id"] for part in parts}
+    missing = [t for t in range(num_tasks) if t not in have]
+    if missing:
+        shown = ", ".join(map(str, missing[:10])) + (", ..." if len(missing) > 10 else "")
+        raise DataPrepError(f"{out_dir}: {len(missing)} of {num_tasks} tasks have not finished (task ids {shown})")
+    parts = sorted((p for p in parts if p["task_id"] < num_tasks), key=lambda p: p["task_id"])
+    skipped: Counter[str] = Counter()
+    for part in parts:
+        skipped.update(part["skipped"])
+    manifest = {"format": FORMAT, "version": VERSION, "dtype": first["dtype"], "tokenizer": first["tokenizer"],
+                "eot_id": first["eot_id"], "special_ids": first["special_ids"],
+                "splits": {s: split_summary(chain.from_iterable(p["splits"][s] for p in parts)) for s in SPLITS},
+                "sources": first["sources"], "text_field": first["settings"]["text_field"],
+                "val_fraction": first["settings"]["val_fraction"], "num_tasks": num_tasks,
+                "skipped": dict(sorted(skipped.items())), "duplicates": sum(p["duplicates"] for p in parts),
+                "records_read": first["records_read"], "created_by": "data_prep.make_shards"}
+    if not any(manifest["splits"][s]["documents"] for s in SPLITS):
+        raise _nothing_written(first["settings"]["sources"], first["records_read"], manifest["skipped"],
+                               manifest["duplicates"])
+    write_manifest(out_dir, manifest)
+    tr, va = manifest["splits"]["train"], manifest["splits"]["val"]
+    print(f"wrote {out_dir / 'manifest.json'}: train {tr['tokens']} tokens / {tr['documents']} docs / "
+          f"{len(tr['shards'])} shards, val {va['tokens']} tokens / {va['documents']} docs"
+          + ("" if va["documents"] else " (empty: raise --val_fraction)"), file=sys.stderr)
+    return manifest
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    from jsonargparse import CLI
+
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        if argv[:1] == ["merge"]:
+            CLI(merge, args=argv[1:], as_positional=False)
+        else:
+            CLI(make_shards, args=argv, as_positional=False)
+    except (DataPrepError, ShardError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

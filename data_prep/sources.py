@@ -1,0 +1,248 @@
+"""Reading raw text sources as a stream of documents, shared by train_tokenizer and make_shards.
+
+A source is a local file, a glob, or a Hugging Face Hub dataset name:
+
+    data/shakespeare.jsonl.gz      # jsonl / json / ndjson (+ .gz): read line by line here,
+    "crawl/part-*.jsonl.gz"        # so a bad line is reported as FILE:LINE
+    data/*.parquet                 # parquet: datasets.load_dataset("parquet", streaming=True)
+    books/*.txt                    # text: one document per paragraph (blank-line separated)
+    HuggingFaceFW/fineweb-edu      # anything else: datasets.load_dataset(name, streaming=True)
+
+`reader="datasets"` sends local files through `datasets.load_dataset(..., streaming=True)` too
+(the Hub code path, testable offline on local files of the same schema).
+
+Everything streams: memory is one document plus small counters, whatever the input size.
+Content problems are skipped and counted (`Counter` of reason -> count): "empty",
+"invalid_utf8", "too_long". Structural problems (malformed JSON, a missing or non-string
+text field) raise `DataPrepError` naming the file and line, unless `max_bad_lines` allows
+that many to be skipped (counted as "bad_line").
+"""
+from __future__ import annotations
+
+import glob
+import gzip
+import io
+import json
+import os
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Literal, Optional
+
+Reader = Literal["auto", "datasets"]
+JSON_EXT = (".jsonl", ".json", ".ndjson")
+TEXT_EXT = (".txt", ".text", ".md")
+PARQUET_EXT = (".parquet",)
+GLOB_CHARS = set("*?[")
+
+
+class DataPrepError(Exception):
+    """A user-facing data problem; the CLI prints its one-line message and exits 1."""
+
+
+@dataclass(frozen=True)
+class Source:
+    spec: str  # what the user wrote
+    kind: str  # "json" | "text" | "parquet" | "hub"
+    files: tuple[str, ...] = ()
+
+
+def _strip_gz(name: str) -> str:
+    return name[:-3] if name.endswith(".gz") else name
+
+
+def _kind(path: str) -> Optional[str]:
+    base = _strip_gz(path.lower())
+    for kind, exts in (("json", JSON_EXT), ("text", TEXT_EXT), ("parquet", PARQUET_EXT)):
+        if base.endswith(exts):
+            return kind
+    return None
+
+
+def resolve_sources(specs: str | list[str]) -> list[Source]:
+    """Expand globs and classify each source; raise DataPrepError for nothing to read."""
+    specs = [specs] if isinstance(specs, str) else list(specs)
+    if not specs:
+        raise DataPrepError("no --source given")
+    out = []
+    for spec in specs:
+        local = os.path.exists(spec) or bool(GLOB_CHARS & set(spec)) or _kind(spec) is not None
+        if not local:  # a Hub dataset name such as "HuggingFaceFW/fineweb-edu"
+            out.append(Source(spec, "hub"))
+            continue
+        files = sorted(glob.glob(spec)) if GLOB_CHARS & set(spec) else [spec]
+        files = [f for f in files if os.path.isfile(f)]
+        if not files:
+            what = "glob matched no files" if GLOB_CHARS & set(spec) else "file not found"
+            raise DataPrepError(f"source {spec!r}: {what}")
+        kinds = {_kind(f) for f in files}
+        if None in kinds or len(kinds) > 1:
+            bad = next(f for f in files if _kind(f) is None) if None in kinds else files[0]
+            raise DataPrepError(f"source {spec!r}: cannot read {bad!r} (expected one of "
+                                f"{', '.join(JSON_EXT + TEXT_EXT + PARQUET_EXT)}, optionally .gz; "
+                                "all files of a glob of one kind)")
+        out.append(Source(spec, kinds.pop(), tuple(files)))
+    return out
+
+
+def describe(sources: list[Source]) -> list[dict]:
+    """What the manifest records about the sources."""
+    return [{"spec": s.spec, "kind": s.kind, "files": len(s.files)} if s.files else
+            {"spec": s.spec, "kind": s.kind} for s in sources]
+
+
+def _open_binary(path: str) -> io.BufferedIOBase:
+    return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
+
+
+class DocumentStream:
+    """Iterate the documents of some sources as (text, where) pairs, counting skips.
+
+    `index` counts every record read (kept or skipped), so tasks of an array can agree on
+    who counts which skip without talking to each other.
+    """
+
+    def __init__(self, sources: list[Source], text_field: str = "text", reader: Reader = "auto",
+                 max_doc_chars: int = 0, max_bad_lines: int = 0, hub_split: str = "train",
+                 txt_sample_by: Literal["line", "paragraph", "document"] = "paragraph"):
+        self.sources, self.text_field, self.reader = sources, text_field, reader
+        self.max_doc_chars, self.max_bad_lines = max_doc_chars, max_bad_lines
+        self.hub_split, self.txt_sample_by = hub_split, txt_sample_by
+        self.skipped: Counter[str] = Counter()
+        self.index = 0
+        self.bad_seen = 0
+        self.skip_hook = None  # called with (index, reason); default counts every skip
+
+    def _skip(self, reason: str) -> None:
+        if self.skip_hook is None or self.skip_hook(self.index):
+            self.skipped[reason] += 1
+
+    def _bad(self, where: str, why: str) -> None:
+        self.bad_seen += 1
+        if self.bad_seen > self.max_bad_lines:
+            raise DataPrepError(f"{where}: {why}")
+        self._skip("bad_line")
+
+    def _check_text(self, value: object, where: str, fields) -> Optional[str]:
+        if value is None or not isinstance(value, str):
+            why = (f"missing field {self.text_field!r} (fields: {', '.join(map(str, fields))})"
+                   if value is None else f"field {self.text_field!r} is {type(value).__name__}, not a string")
+            self._bad(where, why)
+            return None
+        if not value.strip():
+            self._skip("empty")
+            return None
+        if self.max_doc_chars and len(value) > self.max_doc_chars:
+            self._skip("too_long")
+            return None
+        return value
+
+    def __iter__(self) -> Iterator[tuple[str, str]]:
+        for src in self.sources:
+            if src.kind == "hub" or self.reader == "datasets" or src.kind == "parquet":
+                rows = self._datasets_rows(src)
+            elif src.kind == "json":
+                rows = (r for f in src.files for r in self._json_lines(f))
+            else:
+                rows = (r for f in src.files for r in self._text_docs(f))
+            for text, where in rows:
+                if text is not None:
+                    yield text, where
+                self.index += 1
+
+    # ---- local jsonl, line by line: a bad line is named as FILE:LINE -------------------
+    def _json_lines(self, path: str) -> Iterator[tuple[Optional[str], str]]:
+        with _open_binary(path) as f:
+            for lineno, raw in enumerate(f, 1):
+                where = f"{path}:{lineno}"
+                if not raw.strip():
+                    continue  # blank lines are not records
+                try:
+                    line = raw.decode("utf-8").rstrip("\r\n")
+                except UnicodeDecodeError:
+                    self._skip("invalid_utf8")
+                    yield None, where
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    self._bad(where, f"malformed JSON ({e.msg} at column {e.colno})")
+                    yield None, where
+                    continue
+                if not isinstance(obj, dict):
+                    self._bad(where, f"expected a JSON object, got {type(obj).__name__}")
+                    yield None, where
+                    continue
+                yield self._check_text(obj.get(self.text_field), where, obj.keys()), where
+
+    # ---- local text: paragraphs (or lines, or whole files) ------------------------------
+    def _text_docs(self, path: str) -> Iterator[tuple[Optional[str], str]]:
+        with _open_binary(path) as f:
+            if self.txt_sample_by == "document":
+                yield self._decoded(f.read(), path), path
+                return
+            para, start = [], 1
+            for lineno, raw in enumerate(f, 1):
+                if self.txt_sample_by == "line":
+                    yield self._decoded(raw.rstrip(b"\r\n"), f"{path}:{lineno}"), f"{path}:{lineno}"
+                elif raw.strip():
+                    para.append(raw)
+                elif para:
+                    yield self._decoded(b"".join(para), f"{path}:{start}"), f"{path}:{start}"
+                    para, start = [], lineno + 1
+                else:
+                    start = lineno + 1
+            if para:
+                yield self._decoded(b"".join(para), f"{path}:{start}"), f"{path}:{start}"
+
+    def _decoded(self, raw: bytes, where: str) -> Optional[str]:
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            self._skip("invalid_utf8")
+            return None
+        return self._check_text(text, where, [])
+
+    # ---- Hub names, parquet, and anything with reader="datasets" -----------------------
+    def _datasets_rows(self, src: Source) -> Iterator[tuple[Optional[str], str]]:
+        import datasets  # imported late: slow to import, and the local jsonl path needs none of it
+
+        try:
+            if src.kind == "hub":
+                ds = datasets.load_dataset(src.spec, split=self.hub_split, streaming=True)
+            else:
+                builder = {"json": "json", "text": "text", "parquet": "parquet"}[src.kind]
+                kw = {"sample_by": self.txt_sample_by} if builder == "text" else {}
+                ds = datasets.load_dataset(builder, data_files=list(src.files), split="train",
+                                           streaming=True, **kw)
+            for i, row in enumerate(ds):
+                where = f"{src.spec} row {i}"
+                yield self._check_text(row.get(self.text_field), where, row.keys()), where
+        except DataPrepError:
+            raise
+        except Exception as e:  # datasets' errors are long and nested: keep the first line
+            msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+            raise DataPrepError(f"source {src.spec!r}: datasets could not read it "
+                                f"({type(e).__name__}: {msg})") from None
+
+
+def split_long(text: str, max_chars: int) -> list[str]:
+    """Cut a long document into pieces of at most max_chars, at line breaks when possible.
+
+    Byte-level BPE is lossless per piece, so the concatenated tokens still decode to the
+    exact text; only merges across a cut differ from tokenizing the whole string, which
+    would take memory proportional to the document.
+    """
+    if len(text) <= max_chars:
+        return [text]
+    pieces, start = [], 0
+    while len(text) - start > max_chars:
+        end = start + max_chars
+        cut = text.rfind("\n", start + max_chars // 2, end)
+        if cut < 0:
+            cut = text.rfind(" ", start + max_chars // 2, end)
+        cut = end if cut < 0 else cut + 1
+        pieces.append(text[start:cut])
+        start = cut
+    pieces.append(text[start:])
+    return pieces

@@ -1,0 +1,237 @@
+"""data_prep.make_shards: exact shard contents, determinism, dedup, hold-out, arrays, bad input, kill -9."""
+import gzip
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from data_prep.make_shards import doc_route, main, make_shards, merge
+from data_prep.sources import DataPrepError, resolve_sources, split_long
+from data_prep.train_tokenizer import train_tokenizer
+from gpt.shards import TokenShards, read_manifest
+from gpt.tokenizer import Tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def corpus(shakespeare_path) -> list[str]:
+    """~300 distinct short documents cut from Shakespeare."""
+    texts = [json.loads(line)["text"] for line in gzip.open(shakespeare_path, "rt")][:3]
+    return [t[i:i + 700] for t in texts for i in range(0, 70_000, 700)][:300]
+
+
+@pytest.fixture(scope="module")
+def tok_path(tmp_path_factory, corpus) -> Path:
+    src = tmp_path_factory.mktemp("tok") / "src.jsonl"
+    _jsonl(src, corpus)
+    out = src.parent / "tokenizer.json"
+    train_tokenizer(str(src), str(out), vocab_size=400)
+    return out
+
+
+def _jsonl(path: Path, texts, field="text") -> Path:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "wt", encoding="utf-8") as f:
+        for i, t in enumerate(texts):
+            f.write(json.dumps({"id": i, field: t}) + "\n")
+    return path
+
+
+def _expected(tok: Tokenizer, texts, val_fraction, num_tasks=1, task=0):
+    """Token streams per split as the job must write them: input order, dedup, eot per doc."""
+    streams, seen = {"train": [], "val": []}, set()
+    for t in texts:
+        key, owner, is_val = doc_route(t.encode(), num_tasks, val_fraction)
+        if owner != task or key in seen or not t.strip():
+            continue
+        seen.add(key)
+        streams["val" if is_val else "train"] += tok.encode(t) + [tok.eot_id]
+    return streams
+
+
+def _stream(out, split):
+    ds = TokenShards(out, split)
+    return list(ds.window(0, ds.num_tokens))
+
+
+def test_shards_equal_tokenizer_output(tmp_path, corpus, tok_path):
+    texts = corpus[:200] + corpus[:20]  # 20 exact duplicates
+    src = _jsonl(tmp_path / "in.jsonl.gz", texts)
+    m = make_shards(str(src), str(tok_path), str(tmp_path / "out"), val_fraction=0.2,
+                    max_tokens_per_shard=5000, progress=False)
+    tok = Tokenizer.from_file(tok_path)
+    exp = _expected(tok, texts, 0.2)
+    assert _stream(tmp_path / "out", "train") == exp["train"]
+    assert _stream(tmp_path / "out", "val") == exp["val"]
+    assert m["duplicates"] == 20 and m["skipped"] == {} and m["records_read"] == 220
+    assert m["splits"]["train"]["documents"] + m["splits"]["val"]["documents"] == 200
+    assert 20 < m["splits"]["val"]["documents"] < 60  # ~20% held out
+    assert m["splits"]["train"]["tokens"] == len(exp["train"])
+    assert all(r["tokens"] == 5000 for r in m["splits"]["train"]["shards"][:-1])
+    assert m["tokenizer"] == {"hash": tok.content_hash, "vocab_size": 400} and m["dtype"] == "uint16"
+    assert m["sources"] == [{"spec": str(src), "kind": "json", "files": 1}]
+    assert read_manifest(tmp_path / "out") == m
+    TokenShards(tmp_path / "out", tokenizer=tok, verify_sha256=True)  # hash matches what was written
+
+
+@pytest.mark.slow
+def test_same_shards_for_num_proc_and_datasets_reader(tmp_path, corpus, tok_path):
+    src = _jsonl(tmp_path / "in.jsonl", corpus)
+    runs = {}
+    for name, kw in {"p1": {}, "p2": {"num_proc": 2, "batch_chars": 20_000},
+                     "datasets": {"reader": "datasets"}}.items():
+        m = make_shards(str(src), str(tok_path), str(tmp_path / name), val_fraction=0.1,
+                        max_tokens_per_shard=20_000, progress=False, **kw)
+        runs[name] = [(r["file"], r["sha256"]) for s in ("train", "val") for r in m["splits"][s]["shards"]]
+    assert runs["p1"] == runs["p2"] == runs["datasets"]
+
+
+def test_parquet_and_text_sources(tmp_path, corpus, tok_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"content": corpus[:50]}), tmp_path / "a.parquet")
+    m = make_shards(str(tmp_path / "a.parquet"), str(tok_path), str(tmp_path / "pq"), text_field="content",
+                    val_fraction=0.0, progress=False)
+    tok = Tokenizer.from_file(tok_path)
+    assert _stream(tmp_path / "pq", "train") == _expected(tok, corpus[:50], 0.0)["train"]
+    (tmp_path / "b.txt").write_text("first para\nline two\n\n\nsecond para\n")
+    m = make_shards(str(tmp_path / "b.txt"), str(tok_path), str(tmp_path / "txt"), val_fraction=0.0, progress=False)
+    assert m["splits"]["train"]["documents"] == 2
+    assert tok.decode(_stream(tmp_path / "txt", "train")) == "first para\nline two\n<|endoftext|>second para\n<|endoftext|>"
+
+
+def test_slurm_array_matches_single_task(tmp_path, corpus, tok_path, monkeypatch):
+    texts = corpus[:120] + corpus[:10] + ["", "  "]
+    src = _jsonl(tmp_path / "in.jsonl", texts)
+    single = make_shards(str(src), str(tok_path), str(tmp_path / "one"), val_fraction=0.1, progress=False)
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "3")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "1")  # --array=1-3
+    for slurm_id in (1, 3):
+        monkeypatch.setenv("SLURM_ARRAY_TASK_ID", str(slurm_id))
+        part = make_shards(str(src), str(tok_path), str(tmp_path / "arr"), val_fraction=0.1, progress=False)
+        assert part["task_id"] == slurm_id - 1 and not (tmp_path / "arr" / "manifest.json").exists()
+    with pytest.raises(DataPrepError, match=r"1 of 3 tasks have not finished \(task ids 1\)$"):
+        merge(str(tmp_path / "arr"))
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "2")
+    make_shards(str(src), str(tok_path), str(tmp_path / "arr"), val_fraction=0.1, progress=False)
+    main(["merge", "--out", str(tmp_path / "arr")])
+    merged = read_manifest(tmp_path / "arr")
+    for key in ("skipped", "duplicates", "tokenizer", "dtype", "eot_id"):
+        assert merged[key] == single[key], key
+    assert merged["skipped"] == {"empty": 2} and merged["duplicates"] == 10
+    tok = Tokenizer.from_file(tok_path)
+    for split in ("train", "val"):
+        assert merged["splits"][split]["documents"] == single["splits"][split]["documents"]
+        want = []
+        for task in range(3):
+            want += _expected(tok, texts, 0.1, 3, task)[split]
+        assert _stream(tmp_path / "arr", split) == want  # task order, input order within a task
+
+
+def _cli_error(capsys, argv) -> str:
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err  # one line
+    return err.strip()
+
+
+def test_bad_input_errors(tmp_path, tok_path, capsys):
+    common = ["--tokenizer", str(tok_path), "--progress", "false"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n\n{"text": "fine"\n')
+    assert _cli_error(capsys, ["--source", str(bad), "--out", str(tmp_path / "o1")] + common) == \
+        f"error: {bad}:3: malformed JSON (Expecting ',' delimiter at column 16)"
+    bad.write_text('{"text": "ok"}\n{"body": "x", "id": 2}\n')
+    assert _cli_error(capsys, ["--source", str(bad), "--out", str(tmp_path / "o2")] + common) == \
+        f"error: {bad}:2: missing field 'text' (fields: body, id)"
+    bad.write_text('{"text": ["a"]}\n')
+    assert _cli_error(capsys, ["--source", str(bad), "--out", str(tmp_path / "o3")] + common) == \
+        f"error: {bad}:1: field 'text' is list, not a string"
+    bad.write_text("[1, 2]\n")
+    assert _cli_error(capsys, ["--source", str(bad), "--out", str(tmp_path / "o4")] + common) == \
+        f"error: {bad}:1: expected a JSON object, got list"
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    assert _cli_error(capsys, ["--source", str(empty), "--out", str(tmp_path / "o5")] + common) == \
+        f"error: no documents to write from {empty}: 0 records read, skipped none, 0 duplicates"
+    assert _cli_error(capsys, ["--source", str(tmp_path / "nope*.jsonl"), "--out", str(tmp_path / "o6")] + common) == \
+        f"error: source '{tmp_path}/nope*.jsonl': glob matched no files"
+    assert _cli_error(capsys, ["--source", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "o7")] + common) == \
+        f"error: source '{tmp_path}/missing.jsonl': file not found"
+    assert _cli_error(capsys, ["--source", str(empty), "--out", str(tmp_path / "o8"), "--tokenizer", str(tmp_path)]) == \
+        f"error: cannot load tokenizer: {tmp_path}: no tokenizer.json and no vocab.json + merges.txt in this directory"
+    bad.write_text('{"text": "a"\n')
+    assert _cli_error(capsys, ["--source", str(bad), "--out", str(tmp_path / "o9"), "--reader", "datasets"] + common) \
+        .startswith(f"error: source '{bad}': datasets could not read it (")
+
+
+def test_skips_are_counted(tmp_path, tok_path):
+    src = tmp_path / "mixed.jsonl"
+    with open(src, "wb") as f:
+        f.write(b'{"text": "good one"}\n')
+        f.write(b'{"text": "caf\xe9 latin-1"}\n')            # invalid UTF-8
+        f.write(b'{"text": "lone \\ud800 surrogate"}\n')      # not encodable
+        f.write(b'{"text": "   \\n"}\n')                       # empty
+        f.write(b'{"text": "' + b"x" * 5000 + b'"}\n')         # too long
+        f.write(b'not json\n{"id": 7}\n')                      # bad lines, tolerated below
+        f.write(b'{"text": "good one"}\n')                     # duplicate
+    m = make_shards(str(src), str(tok_path), str(tmp_path / "o"), val_fraction=0.0, max_doc_chars=4000,
+                    max_bad_lines=2, progress=False)
+    assert m["skipped"] == {"bad_line": 2, "empty": 1, "invalid_utf8": 2, "too_long": 1}
+    assert m["duplicates"] == 1 and m["splits"]["train"]["documents"] == 1 and m["records_read"] == 8
+
+
+def test_long_document_in_pieces_round_trips(tmp_path, corpus, tok_path):
+    doc = "\n".join(corpus[:40])  # ~28k chars, cut into pieces of <= 3000 at line breaks
+    assert all(len(p) <= 3000 for p in split_long(doc, 3000)) and "".join(split_long(doc, 3000)) == doc
+    src = _jsonl(tmp_path / "long.jsonl", [doc])
+    make_shards(str(src), str(tok_path), str(tmp_path / "o"), val_fraction=0.0, piece_chars=3000, progress=False)
+    tok = Tokenizer.from_file(tok_path)
+    ids = _stream(tmp_path / "o", "train")
+    assert ids[-1] == tok.eot_id and ids.count(tok.eot_id) == 1 and tok.decode(ids[:-1]) == doc
+
+
+def test_hub_names_and_task_args():
+    (hub,) = resolve_sources("HuggingFaceFW/fineweb-edu")
+    assert hub.kind == "hub" and hub.files == ()
+    with pytest.raises(DataPrepError, match=r"^--num_tasks 4 needs --task_id"):
+        make_shards("x.jsonl", "t.json", "o", num_tasks=4)
+    with pytest.raises(DataPrepError, match=r"^--task_id 4 is outside 0\.\.3$"):
+        make_shards("x.jsonl", "t.json", "o", num_tasks=4, task_id=4)
+
+
+@pytest.mark.slow
+def test_sigkill_then_rerun_finishes_identically(tmp_path, corpus, tok_path):
+    texts = [f"{i} {t}" for i in range(8) for t in corpus]  # ~1.7 MB, distinct documents
+    src = _jsonl(tmp_path / "big.jsonl", texts)
+    args = [sys.executable, "-m", "data_prep.make_shards", "--source", str(src), "--tokenizer", str(tok_path),
+            "--max_tokens_per_shard", "20000", "--val_fraction", "0.05", "--progress", "false", "--num_proc", "2"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    victim = tmp_path / "killed"
+    proc = subprocess.Popen(args + ["--out", str(victim)], cwd=ROOT, env=env, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 60
+    while not list(victim.glob("train_*.bin")) and time.time() < deadline:
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)  # the job and its workers, mid-way
+    proc.wait()
+    assert not (victim / "tasks" / "task_00000.json").exists() and not (victim / "manifest.json").exists()
+    with pytest.raises(Exception, match="no manifest.json"):
+        TokenShards(victim)
+    subprocess.run(args + ["--out", str(victim)], cwd=ROOT, env=env, check=True, capture_output=True)
+    want = make_shards(str(src), str(tok_path), str(tmp_path / "clean"), max_tokens_per_shard=20000,
+                       val_fraction=0.05, progress=False)
+    got = read_manifest(victim)
+    assert got["splits"] == want["splits"] and not list(victim.glob("*.tmp"))
+    rerun = subprocess.run(args + ["--out", str(victim)], cwd=ROOT, env=env, check=True, capture_output=True, text=True)
+    assert "already done" in rerun.stderr
