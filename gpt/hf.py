@@ -73,8 +73,10 @@ def export_hf(model: GPT, out_dir: str | os.PathLike, tokenizer: Any = None) -> 
 
 
 def _hf_config(cfg: GPTConfig, dtype: torch.dtype) -> dict[str, Any]:
+    dtype_name = str(dtype).removeprefix("torch.")
+    # "dtype" is what transformers >= 5 reads, "torch_dtype" what 4.x reads.
     common = dict(vocab_size=cfg.vocab_size, initializer_range=cfg.init_std, use_cache=True,
-                  tie_word_embeddings=cfg.tie_embeddings, dtype=str(dtype).removeprefix("torch."),
+                  tie_word_embeddings=cfg.tie_embeddings, dtype=dtype_name, torch_dtype=dtype_name,
                   bos_token_id=None, eos_token_id=None, pad_token_id=None)
     if cfg.flavour == "gpt2":
         if not cfg.tie_embeddings:
