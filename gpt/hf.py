@@ -53,9 +53,9 @@ def export_hf(model: GPT, out_dir: str | os.PathLike, tokenizer: Any = None) -> 
     hf_config = _hf_config(cfg, next(model.parameters()).dtype)
     if tokenizer is not None:
         hf_config.update(_token_ids(tokenizer, cfg.vocab_size))
-    tensors = _gpt2_to_hf(model) if cfg.flavour == "gpt2" else _llama_to_hf(model)
-    out = Path(out_dir)
+    out = Path(out_dir).resolve()  # "." or a symlink: the rename below needs the real directory
     _check_replaceable(out)
+    tensors = _gpt2_to_hf(model) if cfg.flavour == "gpt2" else _llama_to_hf(model)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
@@ -222,7 +222,9 @@ def load_hf(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> GPT:
     return model.to(dtype).eval()
 
 
-def read_hf_config(d: Path) -> dict[str, Any]:
+def read_hf_config(path: str | os.PathLike) -> dict[str, Any]:
+    """config.json of an HF gpt2/llama directory, or a one-line error saying why it is not one."""
+    d = Path(path)
     if not d.is_dir():
         raise FileNotFoundError(f"{d}: no such directory")
     if not (d / "config.json").is_file():
@@ -231,6 +233,8 @@ def read_hf_config(d: Path) -> dict[str, Any]:
         hf = json.loads((d / "config.json").read_text("utf-8"))
     except json.JSONDecodeError as e:
         raise ValueError(f"{d / 'config.json'}: not valid JSON ({e})") from None
+    if not isinstance(hf, dict):
+        raise ValueError(f"{d / 'config.json'}: not a JSON object")
     if hf.get("model_type") not in ("gpt2", "llama"):
         raise ValueError(f"{d}: model_type {hf.get('model_type')!r} is not supported; only 'gpt2' and 'llama'")
     return hf

@@ -188,7 +188,9 @@ def test_export_refusals(tmp_path):
 def test_export_is_atomic_and_replaces_only_exports(tmp_path):
     model = random_model("tiny")
     d = export_hf(model, tmp_path / "hf")
-    export_hf(model, d)  # a previous export is replaced
+    (tmp_path / "link").symlink_to(d)
+    assert export_hf(model, tmp_path / "link") == d  # a previous export is replaced, through a symlink too
+    (tmp_path / "link").unlink()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]  # no temp dirs left
 
     class BrokenTokenizer:
@@ -213,6 +215,8 @@ def test_load_errors(tmp_path):
     d = tmp_path / "d"
     d.mkdir()
     one_line_error(ValueError, load_hf, d, match="no config.json")
+    (d / "config.json").write_text("{not json")
+    one_line_error(ValueError, load_hf, d, match="not valid JSON")
     (d / "config.json").write_text(json.dumps({"model_type": "bert"}))
     one_line_error(ValueError, load_hf, d, match="model_type 'bert'")
     (d / "config.json").write_text(json.dumps({"model_type": "gpt2", "vocab_size": 100, "n_positions": 16,
