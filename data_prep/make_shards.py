@@ -81,20 +81,20 @@ def _init_worker(tok_json: str) -> None:
     _WORKER_TOK = Tokenizer.from_str(tok_json)
 
 
-def encode_docs(pieces: list[str], counts: list[int], eot: int, dtype: str,
+def encode_docs(pieces: list[str], ends: list[bool], eot: int, dtype: str,
                 tok: Optional[Tokenizer] = None) -> tuple[np.ndarray, np.ndarray]:
-    """Tokenize documents given as pieces; returns (all tokens, tokens per document).
+    """Tokenize documents or pieces of them; returns (all tokens, tokens per piece).
 
-    Each document's pieces are concatenated and followed by the end-of-text id.
+    A piece that ends its document (`ends[i]`) is followed by the end-of-text id.
     """
     ids = (tok or _WORKER_TOK).encode_batch(pieces)
-    flat, lengths, i = [], np.empty(len(counts), dtype=np.int64), 0
-    for d, c in enumerate(counts):
+    flat, lengths = [], np.empty(len(pieces), dtype=np.int64)
+    for i, (piece_ids, end) in enumerate(zip(ids, ends)):
         start = len(flat)
-        flat.extend(chain.from_iterable(ids[i:i + c]))
-        flat.append(eot)
-        lengths[d] = len(flat) - start
-        i += c
+        flat.extend(piece_ids)
+        if end:
+            flat.append(eot)
+        lengths[i] = len(flat) - start
     return np.array(flat, dtype=dtype), lengths
 
 
@@ -139,8 +139,9 @@ class _Progress:
 def make_shards(source: Union[str, list[str]], tokenizer: str, out: str, text_field: str = "text",
                 num_proc: int = 1, val_fraction: float = 0.005, max_tokens_per_shard: int = 100_000_000,
                 num_tasks: Optional[int] = None, task_id: Optional[int] = None, max_doc_chars: int = 0,
-                piece_chars: int = 1_000_000, max_bad_lines: int = 0,
+                piece_chars: int = 100_000, max_bad_lines: int = 0,
                 reader: Literal["auto", "datasets"] = "auto", hub_split: str = "train",
+                hub_config: Optional[str] = None,
                 txt_sample_by: Literal["line", "paragraph", "document"] = "paragraph",
                 batch_chars: int = 1_000_000, progress: bool = True) -> dict[str, Any]:
     """Tokenize sources into shards; returns the task's partial manifest (or the merged one).
@@ -156,10 +157,12 @@ def make_shards(source: Union[str, list[str]], tokenizer: str, out: str, text_fi
         num_tasks: tasks of a job array (default: SLURM_ARRAY_TASK_COUNT or 1).
         task_id: this task (default: from SLURM_ARRAY_TASK_ID).
         max_doc_chars: skip (and count) documents longer than this; 0 = no limit.
-        piece_chars: longer documents are tokenized in pieces of this size cut at line breaks.
+        piece_chars: longer documents are tokenized in pieces of this size cut at line breaks
+            (encoding takes ~170 bytes per character while it runs, so pieces bound memory).
         max_bad_lines: malformed/missing-field records to skip (counted) before failing.
         reader: "datasets" sends local files through datasets.load_dataset(streaming=True) too.
         hub_split: split to stream for Hub dataset names.
+        hub_config: configuration (subset) of Hub dataset names, e.g. "sample-10BT".
         txt_sample_by: documents of .txt sources: lines, blank-line separated paragraphs, or files.
         batch_chars: characters per batch sent to a worker.
         progress: show a tqdm progress bar.
@@ -177,7 +180,7 @@ def make_shards(source: Union[str, list[str]], tokenizer: str, out: str, text_fi
     settings = {"sources": [s.spec for s in sources], "text_field": text_field,
                 "tokenizer_hash": tok.content_hash, "val_fraction": val_fraction, "num_tasks": num_tasks,
                 "max_tokens_per_shard": max_tokens_per_shard, "max_doc_chars": max_doc_chars,
-                "piece_chars": piece_chars, "reader": reader, "hub_split": hub_split,
+                "piece_chars": piece_chars, "reader": reader, "hub_split": hub_split, "hub_config": hub_config,
                 "txt_sample_by": txt_sample_by}
     part = _finished_task(out_dir, task_id, settings)
     if part is not None:
@@ -197,7 +200,7 @@ def _run_task(sources, tok: Tokenizer, out: Path, settings: dict, dtype: str, ta
     for stale in out.glob(f"*_t{task_id:05d}_*.bin*"):  # leftovers of a killed run of this task
         stale.unlink()
     stream = DocumentStream(sources, settings["text_field"], settings["reader"], settings["max_doc_chars"],
-                            max_bad_lines, settings["hub_split"], settings["txt_sample_by"])
+                            max_bad_lines, settings["hub_split"], settings["txt_sample_by"], settings["hub_config"])
     stream.skip_hook = lambda index: index % num_tasks == task_id  # each skip counted by one task
     writers = {s: ShardWriter(out, f"{s}_t{task_id:05d}", dtype, settings["max_tokens_per_shard"]) for s in SPLITS}
     seen: set[bytes] = set()
@@ -208,21 +211,21 @@ def _run_task(sources, tok: Tokenizer, out: Path, settings: dict, dtype: str, ta
 
     def drain(limit: int) -> None:
         while len(inflight) > limit:
-            splits, result = inflight.popleft()
+            splits, ends, result = inflight.popleft()
             tokens, lengths = result.get() if pool else result
             offset = 0
-            for split, n in zip(splits, lengths):
-                writers[split].add(tokens[offset:offset + n])
+            for split, end, n in zip(splits, ends, lengths):
+                writers[split].add(tokens[offset:offset + n], end_of_document=end)
                 offset += int(n)
-            bar.update(len(splits), len(tokens))
+            bar.update(sum(ends), len(tokens))
 
-    def submit(pieces: list[str], counts: list[int], splits: list[str]) -> None:
-        args = (pieces, counts, tok.eot_id, dtype)
-        inflight.append((splits, pool.apply_async(encode_docs, args) if pool else encode_docs(*args, tok=tok)))
+    def submit(pieces: list[str], ends: list[bool], splits: list[str]) -> None:
+        args = (pieces, ends, tok.eot_id, dtype)
+        inflight.append((splits, ends, pool.apply_async(encode_docs, args) if pool else encode_docs(*args, tok=tok)))
         drain(2 * num_proc if pool else 0)
 
     try:
-        pieces, counts, splits, chars = [], [], [], 0
+        pieces, ends, splits, chars = [], [], [], 0
         for text, _where in stream:
             try:
                 data = text.encode("utf-8")
@@ -231,6 +234,7 @@ def _run_task(sources, tok: Tokenizer, out: Path, settings: dict, dtype: str, ta
                     stream.skipped["invalid_utf8"] += 1
                 continue
             key, owner, is_val = doc_route(data, num_tasks, settings["val_fraction"])
+            del data
             if owner != task_id:
                 continue
             if key in seen:
@@ -238,15 +242,16 @@ def _run_task(sources, tok: Tokenizer, out: Path, settings: dict, dtype: str, ta
                 continue
             seen.add(key)
             doc_pieces = split_long(text, settings["piece_chars"])
-            pieces += doc_pieces
-            counts.append(len(doc_pieces))
-            splits.append("val" if is_val else "train")
-            chars += len(text)
-            if chars >= batch_chars:
-                submit(pieces, counts, splits)
-                pieces, counts, splits, chars = [], [], [], 0
+            for i, piece in enumerate(doc_pieces):  # a huge document spreads over several batches
+                pieces.append(piece)
+                ends.append(i == len(doc_pieces) - 1)
+                splits.append("val" if is_val else "train")
+                chars += len(piece)
+                if chars >= batch_chars:
+                    submit(pieces, ends, splits)
+                    pieces, ends, splits, chars = [], [], [], 0
         if splits:
-            submit(pieces, counts, splits)
+            submit(pieces, ends, splits)
         drain(0)
     finally:
         if pool:

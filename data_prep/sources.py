@@ -6,7 +6,7 @@ A source is a local file, a glob, or a Hugging Face Hub dataset name:
     "crawl/part-*.jsonl.gz"        # so a bad line is reported as FILE:LINE
     data/*.parquet                 # parquet: datasets.load_dataset("parquet", streaming=True)
     books/*.txt                    # text: one document per paragraph (blank-line separated)
-    HuggingFaceFW/fineweb-edu      # anything else: datasets.load_dataset(name, streaming=True)
+    HuggingFaceFW/fineweb-edu      # anything else: datasets.load_dataset(name, hub_config, streaming=True)
 
 `reader="datasets"` sends local files through `datasets.load_dataset(..., streaming=True)` too
 (the Hub code path, testable offline on local files of the same schema).
@@ -104,10 +104,11 @@ class DocumentStream:
 
     def __init__(self, sources: list[Source], text_field: str = "text", reader: Reader = "auto",
                  max_doc_chars: int = 0, max_bad_lines: int = 0, hub_split: str = "train",
-                 txt_sample_by: Literal["line", "paragraph", "document"] = "paragraph"):
+                 txt_sample_by: Literal["line", "paragraph", "document"] = "paragraph",
+                 hub_config: Optional[str] = None):
         self.sources, self.text_field, self.reader = sources, text_field, reader
         self.max_doc_chars, self.max_bad_lines = max_doc_chars, max_bad_lines
-        self.hub_split, self.txt_sample_by = hub_split, txt_sample_by
+        self.hub_split, self.txt_sample_by, self.hub_config = hub_split, txt_sample_by, hub_config
         self.skipped: Counter[str] = Counter()
         self.index = 0
         self.bad_seen = 0
@@ -163,12 +164,15 @@ class DocumentStream:
                     self._skip("invalid_utf8")
                     yield None, where
                     continue
+                del raw  # a huge document must not be held three times over while it is processed
                 try:
                     obj = json.loads(line)
                 except json.JSONDecodeError as e:
                     self._bad(where, f"malformed JSON ({e.msg} at column {e.colno})")
                     yield None, where
                     continue
+                finally:
+                    del line
                 if not isinstance(obj, dict):
                     self._bad(where, f"expected a JSON object, got {type(obj).__name__}")
                     yield None, where
@@ -209,7 +213,7 @@ class DocumentStream:
 
         try:
             if src.kind == "hub":
-                ds = datasets.load_dataset(src.spec, split=self.hub_split, streaming=True)
+                ds = datasets.load_dataset(src.spec, self.hub_config, split=self.hub_split, streaming=True)
             else:
                 builder = {"json": "json", "text": "text", "parquet": "parquet"}[src.kind]
                 kw = {"sample_by": self.txt_sample_by} if builder == "text" else {}

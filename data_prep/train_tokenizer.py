@@ -34,8 +34,9 @@ def _texts(stream: DocumentStream, max_chars: int, piece_chars: int) -> Iterator
 
 def train_tokenizer(source: Union[str, list[str]], out: str, vocab_size: int = 4096, text_field: str = "text",
                     min_frequency: int = 2, max_chars: int = 0, max_doc_chars: int = 0,
-                    piece_chars: int = 1_000_000, max_bad_lines: int = 0,
+                    piece_chars: int = 100_000, max_bad_lines: int = 0,
                     reader: Literal["auto", "datasets"] = "auto", hub_split: str = "train",
+                    hub_config: Optional[str] = None,
                     txt_sample_by: Literal["line", "paragraph", "document"] = "paragraph",
                     progress: bool = False) -> Tokenizer:
     """Train byte-level BPE and save it as tokenizer.json.
@@ -52,6 +53,7 @@ def train_tokenizer(source: Union[str, list[str]], out: str, vocab_size: int = 4
         max_bad_lines: malformed/missing-field records to skip before failing.
         reader: "datasets" sends local files through datasets.load_dataset(streaming=True) too.
         hub_split: split to stream for Hub dataset names.
+        hub_config: configuration (subset) of Hub dataset names.
         txt_sample_by: documents of .txt sources: lines, paragraphs or whole files.
         progress: show the tokenizers training progress bar.
     """
@@ -62,7 +64,7 @@ def train_tokenizer(source: Union[str, list[str]], out: str, vocab_size: int = 4
     if vocab_size < base:
         raise DataPrepError(f"--vocab_size must be at least {base} (specials + 256 bytes), got {vocab_size}")
     stream = DocumentStream(resolve_sources(source), text_field, reader, max_doc_chars, max_bad_lines,
-                            hub_split, txt_sample_by)
+                            hub_split, txt_sample_by, hub_config)
     bpe = HFTokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()

@@ -126,8 +126,11 @@ class ShardWriter:
         self.records.append({"file": final.name, "tokens": self._tokens, "documents": self._docs,
                              "bytes": final.stat().st_size, "sha256": sha256_file(final)})
 
-    def add(self, tokens: Sequence[int] | np.ndarray) -> None:
-        """Append one document (its end-of-text token included by the caller)."""
+    def add(self, tokens: Sequence[int] | np.ndarray, end_of_document: bool = True) -> None:
+        """Append one document (its end-of-text token included by the caller).
+
+        A huge document may come in parts: `end_of_document=False` for all but the last.
+        """
         if self._closed:
             raise RuntimeError("ShardWriter is closed")
         arr = np.asarray(tokens)
@@ -141,7 +144,7 @@ class ShardWriter:
             self._f.write(arr[:take].tobytes())
             self._tokens += take
             arr = arr[take:]
-            if arr.size == 0:
+            if arr.size == 0 and end_of_document:
                 self._docs += 1
             if self._tokens == self.max_tokens:
                 self._finish()

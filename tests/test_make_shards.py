@@ -195,10 +195,35 @@ def test_long_document_in_pieces_round_trips(tmp_path, corpus, tok_path):
     doc = "\n".join(corpus[:40])  # ~28k chars, cut into pieces of <= 3000 at line breaks
     assert all(len(p) <= 3000 for p in split_long(doc, 3000)) and "".join(split_long(doc, 3000)) == doc
     src = _jsonl(tmp_path / "long.jsonl", [doc])
-    make_shards(str(src), str(tok_path), str(tmp_path / "o"), val_fraction=0.0, piece_chars=3000, progress=False)
+    make_shards(str(src), str(tok_path), str(tmp_path / "o"), val_fraction=0.0, piece_chars=3000, batch_chars=5000,
+                progress=False)
     tok = Tokenizer.from_file(tok_path)
     ids = _stream(tmp_path / "o", "train")
     assert ids[-1] == tok.eot_id and ids.count(tok.eot_id) == 1 and tok.decode(ids[:-1]) == doc
+
+
+@pytest.mark.slow
+def test_hub_name_streams_through_datasets(tmp_path, corpus, tok_path, monkeypatch):
+    """A Hub name goes to datasets.load_dataset(name, config, split=, streaming=True); offline we
+    answer that call with a local file of the same schema, streamed by datasets itself."""
+    import datasets
+
+    src = _jsonl(tmp_path / "hub.jsonl", corpus[:30], field="content")
+    real, calls = datasets.load_dataset, []
+
+    def fake(path, name=None, **kw):
+        calls.append((path, name, kw))
+        return real("json", data_files=str(src), split=kw["split"], streaming=kw["streaming"])
+
+    monkeypatch.setattr(datasets, "load_dataset", fake)
+    m = make_shards("org/web-corpus", str(tok_path), str(tmp_path / "o"), text_field="content",
+                    hub_config="sample-10BT", hub_split="train", val_fraction=0.0, progress=False)
+    assert calls == [("org/web-corpus", "sample-10BT", {"split": "train", "streaming": True})]
+    assert m["sources"] == [{"spec": "org/web-corpus", "kind": "hub"}]
+    assert _stream(tmp_path / "o", "train") == _expected(Tokenizer.from_file(tok_path), corpus[:30], 0.0)["train"]
+    monkeypatch.setattr(datasets, "load_dataset", real)
+    with pytest.raises(DataPrepError, match=r"^source 'no-such-org/no-such-data': datasets could not read it \("):
+        make_shards("no-such-org/no-such-data", str(tok_path), str(tmp_path / "o2"), progress=False)
 
 
 def test_hub_names_and_task_args():

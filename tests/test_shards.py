@@ -63,6 +63,10 @@ def test_document_counted_in_shard_of_its_last_token(tmp_path):
     w.add([4, 5, 6, 7, 9])  # 4 tokens in shard 1, its eot in shard 2
     recs = w.close()
     assert [(r["tokens"], r["documents"]) for r in recs] == [(4, 1), (4, 0), (1, 1)]
+    w = ShardWriter(tmp_path, "y", "uint16", 4)
+    w.add([1, 2, 3], end_of_document=False)  # a document written in parts
+    w.add([4, 5, 9])
+    assert [(r["tokens"], r["documents"]) for r in w.close()] == [(4, 0), (2, 1)]
 
 
 def test_out_of_range_token_rejected(tmp_path):
