@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Submit the data-prep job array and the merge that runs after all its tasks succeed.
+# Usually run from the repository root:
+#
+#   slurm/data_prep.sh --tasks 16 --cpus-per-task=8 --partition=cpu -- \
+#       --source 'crawl/*.jsonl.gz' --tokenizer tok/tokenizer.json --out data/shards/crawl
+#
+# Before `--`: --tasks N (array size, default 4) and any sbatch options, given to both jobs.
+# After `--`: the arguments of python -m data_prep.make_shards (--out is required: the merge
+# writes --out/manifest.json). Prints "ARRAY_JOB_ID MERGE_JOB_ID" on stdout. The jobs run in the
+# repository (relative paths are relative to it); logs go under ./runs/slurm of the folder this
+# is run from: gpt-data-prep-<array id>_<task>.out and gpt-data-prep-merge-<merge id>.out.
+# If a task fails the merge is cancelled, not left waiting; fix, re-submit, finished tasks skip.
+
+set -euo pipefail
+die() { echo "error: $*" >&2; exit 2; }
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+export GPT_REPO="${GPT_REPO:-$(dirname "$here")}"  # the jobs cd there, wherever this is run from
+
+tasks=4
+sbatch_opts=()
+while [ $# -gt 0 ] && [ "$1" != "--" ]; do
+    case "$1" in
+        --tasks) tasks="$2"; shift 2 ;;
+        --tasks=*) tasks="${1#--tasks=}"; shift ;;
+        *) sbatch_opts+=("$1"); shift ;;
+    esac
+done
+[ $# -gt 0 ] || die "usage: slurm/data_prep.sh [--tasks N] [sbatch options] -- make_shards args (no '--' given)"
+shift
+[[ "$tasks" =~ ^[1-9][0-9]*$ ]] || die "--tasks must be a positive integer, got '$tasks'"
+
+out=""
+prev=""
+for a in "$@"; do
+    if [ "$prev" = "--out" ]; then out="$a"; fi
+    case "$a" in --out=*) out="${a#--out=}" ;; esac
+    prev="$a"
+done
+[ -n "$out" ] || die "make_shards needs --out DIR (the merge writes DIR/manifest.json)"
+
+mkdir -p runs/slurm  # Slurm does not create the folder of --output itself
+array_id="$(sbatch --parsable --array="0-$((tasks - 1))" "${sbatch_opts[@]}" \
+    "$here/data_prep.sbatch" shard "$@")"
+array_id="${array_id%%;*}"  # --parsable prints "id;cluster" on multi-cluster set-ups
+merge_id="$(sbatch --parsable --dependency="afterok:${array_id}" --kill-on-invalid-dep=yes \
+    "${sbatch_opts[@]}" --job-name=gpt-data-prep-merge --output='runs/slurm/%x-%j.out' \
+    "$here/data_prep.sbatch" merge --out "$out")"
+merge_id="${merge_id%%;*}"
+echo "submitted data prep: array job ${array_id} (${tasks} tasks), merge job ${merge_id} (afterok)" >&2
+echo "${array_id} ${merge_id}"
