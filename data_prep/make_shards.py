@@ -197,6 +197,7 @@ def _run_task(sources, tok: Tokenizer, out: Path, settings: dict, dtype: str, ta
               num_tasks: int, num_proc: int, max_bad_lines: int, batch_chars: int,
               progress: bool) -> dict[str, Any]:
     (out / TASKS_DIR).mkdir(parents=True, exist_ok=True)
+    _task_path(out, task_id).unlink(missing_ok=True)  # a marker whose shards went missing: not done
     for stale in out.glob(f"*_t{task_id:05d}_*.bin*"):  # leftovers of a killed run of this task
         stale.unlink()
     stream = DocumentStream(sources, settings["text_field"], settings["reader"], settings["max_doc_chars"],

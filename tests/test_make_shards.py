@@ -78,6 +78,8 @@ def test_shards_equal_tokenizer_output(tmp_path, corpus, tok_path):
     assert m["tokenizer"] == {"hash": tok.content_hash, "vocab_size": 400} and m["dtype"] == "uint16"
     assert m["sources"] == [{"spec": str(src), "kind": "json", "files": 1}]
     assert read_manifest(tmp_path / "out") == m
+    with pytest.raises(DataPrepError, match=r"holds shards made with other settings \(max_tokens_per_shard, val_fraction\)"):
+        make_shards(str(src), str(tok_path), str(tmp_path / "out"), val_fraction=0.3, progress=False)
     TokenShards(tmp_path / "out", tokenizer=tok, verify_sha256=True)  # hash matches what was written
 
 
@@ -134,6 +136,19 @@ def test_slurm_array_matches_single_task(tmp_path, corpus, tok_path, monkeypatch
         for task in range(3):
             want += _expected(tok, texts, 0.1, 3, task)[split]
         assert _stream(tmp_path / "arr", split) == want  # task order, input order within a task
+
+
+def test_rerun_skips_done_task_and_redoes_one_missing_a_shard(tmp_path, corpus, tok_path, capsys):
+    src = _jsonl(tmp_path / "in.jsonl", corpus[:60])
+    kw = dict(val_fraction=0.1, max_tokens_per_shard=4000, progress=False)
+    first = make_shards(str(src), str(tok_path), str(tmp_path / "o"), **kw)
+    capsys.readouterr()
+    assert make_shards(str(src), str(tok_path), str(tmp_path / "o"), **kw) == first
+    assert "task 0/1: already done" in capsys.readouterr().err
+    (tmp_path / "o" / first["splits"]["train"]["shards"][1]["file"]).unlink()
+    assert make_shards(str(src), str(tok_path), str(tmp_path / "o"), **kw) == first
+    assert "already done" not in capsys.readouterr().err
+    TokenShards(tmp_path / "o", verify_sha256=True)
 
 
 def _cli_error(capsys, argv) -> str:
@@ -258,5 +273,7 @@ def test_sigkill_then_rerun_finishes_identically(tmp_path, corpus, tok_path):
                        val_fraction=0.05, progress=False)
     got = read_manifest(victim)
     assert got["splits"] == want["splits"] and not list(victim.glob("*.tmp"))
+    listed = {r["file"] for s in ("train", "val") for r in got["splits"][s]["shards"]}
+    assert {p.name for p in victim.glob("*.bin")} == listed  # the killed run's shards were redone, not kept
     rerun = subprocess.run(args + ["--out", str(victim)], cwd=ROOT, env=env, check=True, capture_output=True, text=True)
     assert "already done" in rerun.stderr
