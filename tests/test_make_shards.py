@@ -110,6 +110,20 @@ def test_parquet_and_text_sources(tmp_path, corpus, tok_path):
     assert tok.decode(_stream(tmp_path / "txt", "train")) == "first para\nline two\n<|endoftext|>second para\n<|endoftext|>"
 
 
+def test_cli_several_sources_and_globs(tmp_path, corpus, tok_path):
+    for i in range(3):
+        _jsonl(tmp_path / f"part-{i}.jsonl.gz", corpus[10 * i:10 * i + 10])
+    (tmp_path / "extra.txt").write_text("one more document\n")
+    main(["--source", str(tmp_path / "part-*.jsonl.gz"), "--source+", str(tmp_path / "extra.txt"),
+          "--tokenizer", str(tok_path), "--out", str(tmp_path / "o"), "--val_fraction", "0", "--progress", "false"])
+    m = read_manifest(tmp_path / "o")
+    assert m["sources"] == [{"spec": str(tmp_path / "part-*.jsonl.gz"), "kind": "json", "files": 3},
+                            {"spec": str(tmp_path / "extra.txt"), "kind": "text", "files": 1}]
+    tok = Tokenizer.from_file(tok_path)
+    want = _expected(tok, corpus[:30] + ["one more document\n"], 0.0)["train"]
+    assert m["splits"]["train"]["documents"] == 31 and _stream(tmp_path / "o", "train") == want
+
+
 def test_slurm_array_matches_single_task(tmp_path, corpus, tok_path, monkeypatch):
     texts = corpus[:120] + corpus[:10] + ["", "  "]
     src = _jsonl(tmp_path / "in.jsonl", texts)
