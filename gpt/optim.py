@@ -1,0 +1,73 @@
+"""AdamW parameter groups and learning-rate schedules (per optimizer step).
+
+    from gpt.optim import build_optimizer, LRSchedule
+    opt = build_optimizer(model, lr=3e-4, weight_decay=0.1, betas=(0.9, 0.95))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, LRSchedule("cosine", warmup_steps=100, total_steps=5000))
+
+Weight decay applies to matmul weights only: norms, biases and embeddings (and a head tied
+to the embedding) are left undecayed, as in GPT-2/nanoGPT/litgpt. Schedules:
+- "cosine": linear warmup to lr, cosine down to min_lr_ratio * lr at total_steps;
+- "wsd":    warmup-stable-decay: warmup, hold lr, linear decay to min_lr_ratio * lr over the
+            last decay_fraction of the run (lets a run be extended or cooled down anywhere);
+- "constant": warmup then flat.
+LRSchedule is a small class (not a lambda) so LambdaLR's state_dict stays plain data.
+"""
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn as nn
+
+Schedule = Literal["cosine", "wsd", "constant"]
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two groups: decayed matmul weights and undecayed norms/biases/embeddings."""
+    embedding_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():  # named_parameters() yields a tied weight once
+        if not p.requires_grad:
+            continue
+        if p.dim() < 2 or id(p) in embedding_ids:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.1,
+                    betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8) -> torch.optim.AdamW:
+    fused = next(model.parameters()).is_cuda  # the fused kernel exists on CUDA only
+    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=tuple(betas), eps=eps,
+                             fused=fused or None)
+
+
+class LRSchedule:
+    """Multiplier of the base lr at optimizer step `step` (0-based), for LambdaLR."""
+
+    def __init__(self, kind: Schedule = "cosine", warmup_steps: int = 0, total_steps: int = 1,
+                 min_lr_ratio: float = 0.1, decay_fraction: float = 0.2):
+        if kind not in ("cosine", "wsd", "constant"):
+            raise ValueError(f"unknown schedule {kind!r}; choose cosine, wsd or constant")
+        if total_steps < 1:
+            raise ValueError(f"the schedule needs total_steps >= 1 (set trainer.max_steps), got {total_steps}")
+        self.kind, self.warmup_steps, self.total_steps = kind, warmup_steps, total_steps
+        self.min_lr_ratio, self.decay_fraction = min_lr_ratio, decay_fraction
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps  # never 0: the first step already learns
+        lo = self.min_lr_ratio
+        if self.kind == "constant":
+            return 1.0
+        if self.kind == "cosine":
+            span = max(1, self.total_steps - self.warmup_steps)
+            progress = min(1.0, (step - self.warmup_steps) / span)
+            return lo + (1 - lo) * 0.5 * (1 + math.cos(math.pi * progress))
+        decay_steps = max(1, round(self.decay_fraction * self.total_steps))
+        decay_start = self.total_steps - decay_steps
+        if step < decay_start:
+            return 1.0
+        return 1.0 - (1 - lo) * min(1.0, (step - decay_start) / decay_steps)

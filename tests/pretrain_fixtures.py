@@ -1,0 +1,144 @@
+"""Fixtures for the pretraining tests: small shard directories and recipe configs.
+
+    from tests.pretrain_fixtures import write_random_shards, write_text_shards, write_config, run_recipe, read_csv_metrics
+"""
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import yaml
+
+from gpt.shards import FORMAT, VERSION, ShardWriter, split_summary, write_manifest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_MODEL = {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 32}
+
+
+def _manifest(out: Path, splits: dict[str, list[dict]], vocab_size: int, tok_hash: str) -> None:
+    write_manifest(out, {"format": FORMAT, "version": VERSION, "dtype": "uint16",
+                         "tokenizer": {"hash": tok_hash, "vocab_size": vocab_size}, "eot_id": 0,
+                         "splits": {s: split_summary(r) for s, r in splits.items()}})
+
+
+def write_random_shards(out: Path, train_tokens: int = 20_000, val_tokens: int = 2_000, vocab_size: int = 256,
+                        max_tokens_per_shard: int = 7_000, seed: int = 0) -> Path:
+    """Random-token train/val splits in several shards (documents of ~500 tokens ending in 0)."""
+    rng = np.random.default_rng(seed)
+    splits = {}
+    for split, n in (("train", train_tokens), ("val", val_tokens)):
+        w = ShardWriter(out, f"{split}_t00000", "uint16", max_tokens_per_shard)
+        done = 0
+        while done < n:
+            doc = rng.integers(1, vocab_size, size=min(500, n - done))
+            doc[-1] = 0
+            w.add(doc)
+            done += doc.size
+        splits[split] = w.close()
+    _manifest(out, splits, vocab_size, "random")
+    return out
+
+
+def write_text_shards(out: Path, tokenizer_path: Path, max_chars: int = 400_000, val_every: int = 10) -> Path:
+    """Shakespeare encoded with a real tokenizer; every val_every-th paragraph goes to val."""
+    from gpt.tokenizer import Tokenizer
+    tok = Tokenizer.from_file(tokenizer_path)
+    text = ""
+    with gzip.open(ROOT / "data" / "shakespeare.jsonl.gz", "rt") as f:
+        for line in f:
+            text += json.loads(line)["text"]
+            if len(text) >= max_chars:
+                break
+    paragraphs = [p for p in text[:max_chars].split("\n\n") if p.strip()]
+    writers = {s: ShardWriter(out, f"{s}_t00000", "uint16", 100_000) for s in ("train", "val")}
+    for i, p in enumerate(paragraphs):
+        writers["val" if i % val_every == 0 else "train"].add(tok.encode(p + "\n\n") + [tok.eot_id])
+    _manifest(out, {s: w.close() for s, w in writers.items()}, tok.vocab_size, tok.content_hash)
+    return out
+
+
+def write_config(path: Path, run_dir: Path, data_dir: Path, tokenizer: Optional[Path] = None, *,
+                 max_steps: int = 12, micro_batch_size: int = 4, accumulate: int = 1, devices: int = 1,
+                 every_n_train_steps: int = 4, val_check_interval: Optional[int] = None,
+                 model: Optional[dict] = None, vocab_size: int = 256, wandb: bool = False,
+                 callbacks: Optional[list[dict]] = None, model_args: Optional[dict] = None,
+                 data_args: Optional[dict] = None, precision: str = "32-true") -> Path:
+    """A tiny fp32 recipe config writing checkpoints and CSV metrics under run_dir."""
+    loggers: list[dict[str, Any]] = [{"class_path": "lightning.pytorch.loggers.CSVLogger",
+                                      "init_args": {"save_dir": str(run_dir), "name": "csv"}}]
+    if wandb:
+        loggers.insert(0, {"class_path": "lightning.pytorch.loggers.WandbLogger",
+                           "init_args": {"project": "test", "save_dir": str(run_dir), "offline": True}})
+    cfg = {
+        "seed_everything": 1234,
+        "trainer": {
+            "accelerator": "cpu", "devices": devices, "num_nodes": 1, "precision": precision,
+            "strategy": "ddp" if devices > 1 else "auto",
+            "max_steps": max_steps, "accumulate_grad_batches": accumulate, "gradient_clip_val": 1.0,
+            "val_check_interval": val_check_interval or max_steps * accumulate,
+            "check_val_every_n_epoch": None, "num_sanity_val_steps": 0, "log_every_n_steps": 1,
+            "use_distributed_sampler": False, "enable_progress_bar": False, "enable_model_summary": False,
+            "default_root_dir": str(run_dir),
+            "plugins": [{"class_path": "gpt.checkpoint_io.AtomicCheckpointIO"}],
+            "logger": loggers,
+            "callbacks": [
+                {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                 "init_args": {"dirpath": str(run_dir / "checkpoints"), "every_n_train_steps": every_n_train_steps,
+                               "save_last": True, "save_top_k": -1}},
+                {"class_path": "lightning.pytorch.callbacks.LearningRateMonitor",
+                 "init_args": {"logging_interval": "step"}},
+                {"class_path": "gpt.callbacks.NonFiniteGuard"},
+                *(callbacks or []),
+            ],
+        },
+        "model": {"preset": "tiny", "model_config": {**TINY_MODEL, "vocab_size": vocab_size, **(model or {})},
+                  "lr": 1e-2, "warmup_steps": 2, **(model_args or {})},
+        "data": {"data_dir": str(data_dir), "tokenizer": str(tokenizer) if tokenizer else None,
+                 "block_size": 32, "micro_batch_size": micro_batch_size, "seed": 7, "val_windows": 8,
+                 **(data_args or {})},
+    }
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def recipe_cmd(config: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "recipes.pretrain", "fit", "--config", str(config), *extra]
+
+
+def recipe_env() -> dict[str, str]:
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "PYTHONPATH": str(ROOT),
+           "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    for k in [k for k in env if k.startswith("SLURM_")]:
+        env.pop(k)  # a test run inside a Slurm job must not look like srun
+    return env
+
+
+def run_recipe(config: Path, *extra: str, timeout: int = 300, check: bool = True) -> subprocess.CompletedProcess:
+    p = subprocess.run(recipe_cmd(config, *extra), cwd=ROOT, env=recipe_env(), capture_output=True, text=True,
+                       timeout=timeout)
+    if check and p.returncode != 0:
+        raise AssertionError(f"recipe failed (rc {p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}")
+    return p
+
+
+def read_csv_metrics(run_dir: Path) -> list[dict[str, float]]:
+    """All CSVLogger rows of every version (a resume starts a new version), in version order."""
+    rows = []
+    versions = sorted((run_dir / "csv").glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
+    for v in versions:
+        with open(v / "metrics.csv") as f:
+            for row in csv.DictReader(f):
+                rows.append({k: float(x) for k, x in row.items() if x not in ("", None)})
+    return rows
+
+
+def losses_by_step(run_dir: Path) -> dict[int, float]:
+    """train/loss per step; a resumed run's rows overwrite those of the run it resumed."""
+    return {int(r["step"]): r["train/loss"] for r in read_csv_metrics(run_dir) if "train/loss" in r}
