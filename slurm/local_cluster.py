@@ -106,7 +106,8 @@ SlurmctldHost=localhost(127.0.0.1)
 SlurmctldPort={ctld_port}
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket={d / 'munge' / 'munge.socket'}
+# cred_expire also sets how long a requeued job waits before it may start again (default 120 s).
+AuthInfo=socket={d / 'munge' / 'munge.socket'},cred_expire=10
 SlurmUser=root
 SlurmdUser=root
 ProctrackType=proctrack/linuxproc
@@ -119,7 +120,8 @@ MpiDefault=none
 MailProg=/bin/true
 ReturnToService=2
 SchedulerType=sched/backfill
-# Quick turnaround for tests: scheduling and cleanup without long waits.
+# Quick turnaround for tests: frequent scheduling passes, short kill grace.
+SchedulerParameters=sched_interval=2,bf_interval=2
 KillWait=5
 MinJobAge=600
 StateSaveLocation={d / 'state'}
