@@ -1,0 +1,167 @@
+"""CausalLMModule: next-token pretraining of gpt.model.GPT as a LightningModule.
+
+    python -m recipes.pretrain fit --config recipes/configs/tiny-cpu.yaml     # the usual way in
+    module = CausalLMModule(preset="tiny", model_config={"n_layer": 4}, lr=3e-3, warmup_steps=20)
+
+The module owns the model (`self.model = GPT(config)`, so checkpoint keys start with `model.`),
+the loss (gpt.objectives) and the optimizer (gpt.optim); parallelism, precision and gradient
+clipping come from the Trainer. Checkpoints carry `checkpoint["gpt"] = {"model_config",
+"tokenizer"}` for `gpt sample`, and plain-data hyperparameters (torch.load(weights_only=True)).
+
+Loss normalization. The gradient must be that of (sum of token losses over the global batch) /
+(target tokens in the global batch), whatever the micro-batch split and world size. Lightning
+divides the returned loss by accumulate_grad_batches and DDP averages gradients over ranks, so
+each micro-batch returns loss_sum * A * W / n_global. n_global comes from the batch
+("num_targets_global", for data with variable target counts such as SFT) or, when absent, is
+this micro-batch's count * A * W (exact when every micro-batch has the same count, as here).
+"""
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+from pathlib import Path
+from typing import Any, Optional
+
+import lightning as L
+import torch
+
+from gpt.config import GPTConfig
+from gpt.flops import flops_per_token
+from gpt.model import GPT
+from gpt.objectives import causal_lm_loss
+from gpt.optim import LRSchedule, Schedule, build_optimizer
+from gpt.tokenizer import Tokenizer
+
+
+def git_commit() -> Optional[str]:
+    """The commit of the code that runs (with "-dirty" for local changes), for reproducibility."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (sha + ("-dirty" if dirty else "")) or None
+
+
+def total_grad_norm(module: torch.nn.Module) -> Optional[torch.Tensor]:
+    """L2 norm of all gradients held in .grad (None when the strategy keeps them elsewhere)."""
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    return torch.nn.utils.get_total_norm(grads, foreach=True) if grads else None
+
+
+class CausalLMModule(L.LightningModule):
+    """GPT + causal-LM loss + AdamW with warmup/cosine or WSD.
+
+    Args:
+        preset: a gpt.config preset name; model_config overrides its fields.
+        model_config: GPTConfig fields, e.g. {"n_layer": 4, "n_embd": 192, "block_size": 256}.
+        tokenizer: tokenizer.json stored in checkpoints (the recipe links it from data.tokenizer).
+        lr, weight_decay, betas, eps: AdamW (no decay on norms, biases, embeddings).
+        schedule, warmup_steps, min_lr_ratio, decay_fraction: see gpt.optim.LRSchedule; the
+            schedule spans trainer.max_steps optimizer steps.
+        compile: torch.compile the model (GPU; on CPU ~35 s first compile).
+    """
+
+    def __init__(self, preset: str = "tiny", model_config: Optional[dict[str, Any]] = None,
+                 tokenizer: Optional[str] = None, lr: float = 3e-4, weight_decay: float = 0.1,
+                 betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8, schedule: Schedule = "cosine",
+                 warmup_steps: int = 100, min_lr_ratio: float = 0.1, decay_fraction: float = 0.2,
+                 compile: bool = False):
+        super().__init__()
+        self.save_hyperparameters()
+        self.config = GPTConfig.from_preset(preset, **(model_config or {}))
+        # Reproducibility, logged and checkpointed with the hyperparameters (plain data only).
+        self.hparams["resolved_model_config"] = self.config.to_dict()
+        self.hparams["git_commit"] = git_commit()
+        self.hparams["seed"] = int(os.environ["PL_GLOBAL_SEED"]) if "PL_GLOBAL_SEED" in os.environ else None
+        self.tokenizer_json = Tokenizer.from_file(tokenizer).to_str() if tokenizer else None
+        self.model: Optional[GPT] = None
+        self.tokens_seen = 0
+        self.flops_per_batch: Optional[float] = None  # read by ThroughputMonitor
+        self._step_loss = torch.zeros(())  # this rank's share of the global-batch mean loss
+        self._step_targets = 0
+        self._val = torch.zeros(3, dtype=torch.float64)  # loss sum (nats), targets, bytes
+
+    # ---- model --------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        # Built here, not in __init__: sharded strategies (ZeRO-3) build it inside their context.
+        if self.model is None:
+            self.model = GPT(self.config)
+            if self.hparams.compile:
+                self.model.compile()  # in place: state_dict keys keep the `model.` prefix
+
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None)
+        T = getattr(dm, "block_size", self.config.block_size)
+        if T > self.config.block_size:
+            raise ValueError(f"data.block_size {T} is longer than the model's block_size {self.config.block_size}")
+        m = getattr(dm, "micro_batch_size", 1)
+        # ThroughputMonitor divides by world size to get per-device FLOP/s: give it all ranks' FLOPs.
+        self.flops_per_batch = flops_per_token(self.config, T) * m * T * self.trainer.world_size
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.model(idx)
+
+    # ---- training -----------------------------------------------------------------------
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss_sum, n = causal_lm_loss(self.model(batch["input_ids"]), batch["labels"])
+        A, W = self.trainer.accumulate_grad_batches, self.trainer.world_size
+        n_global = batch.get("num_targets_global")
+        n_global = n * A * W if n_global is None else n_global.reshape(-1)[0]
+        n_global = n_global.clamp(min=1)
+        self._step_loss = self._step_loss.to(loss_sum.device) + loss_sum.detach() / n_global
+        self._step_targets += n_global
+        return loss_sum * (A * W) / n_global
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Once per optimizer step, after all micro-batches' backward: log the step's metrics."""
+        strategy = self.trainer.strategy
+        loss = strategy.reduce(self._step_loss, reduce_op="sum")
+        # n_global was added once per micro-batch; every micro-batch carries the same global count.
+        self.tokens_seen += int(self._step_targets) // self.trainer.accumulate_grad_batches
+        self.log("train/loss", loss, on_step=True, prog_bar=True, rank_zero_only=True)
+        self.log("train/tokens", float(self.tokens_seen), on_step=True, rank_zero_only=True)
+        norm = total_grad_norm(self.model)
+        if norm is not None:  # pre-clip norm; clipping (trainer.gradient_clip_val) runs after this hook
+            self.log("train/grad_norm", norm, on_step=True, rank_zero_only=True)
+        self._step_loss = torch.zeros((), device=loss.device)
+        self._step_targets = 0
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        opt = build_optimizer(self.model, lr=hp.lr, weight_decay=hp.weight_decay, betas=hp.betas, eps=hp.eps)
+        schedule = LRSchedule(hp.schedule, hp.warmup_steps, max(1, self.trainer.max_steps), hp.min_lr_ratio,
+                              hp.decay_fraction)
+        return {"optimizer": opt,
+                "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.LambdaLR(opt, schedule), "interval": "step"}}
+
+    # ---- validation ---------------------------------------------------------------------
+    def on_validation_epoch_start(self) -> None:
+        self._val = torch.zeros(3, dtype=torch.float64, device=self.device)
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        loss_sum, n = causal_lm_loss(self.model(batch["input_ids"]), batch["labels"])
+        nbytes = batch["num_bytes"].sum() if "num_bytes" in batch else torch.zeros((), device=self.device)
+        self._val += torch.stack([loss_sum.double(), n.double(), nbytes.double()])
+
+    def on_validation_epoch_end(self) -> None:
+        # Sums over every rank's windows, then one division: exact for uneven shards.
+        loss_sum, n, nbytes = self.trainer.strategy.reduce(self._val, reduce_op="sum").tolist()
+        if n == 0:
+            return
+        self.log("val/loss", loss_sum / n, rank_zero_only=True)
+        if nbytes > 0:
+            self.log("val/bpb", loss_sum / math.log(2) / nbytes, rank_zero_only=True)
+
+    # ---- checkpoints --------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # What `gpt sample` and the later stages load: plain data only.
+        checkpoint["gpt"] = {"model_config": self.config.to_dict(), "tokenizer": self.tokenizer_json}
+        checkpoint["tokens_seen"] = self.tokens_seen
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.tokens_seen = int(checkpoint.get("tokens_seen", 0))
