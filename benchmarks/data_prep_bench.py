@@ -99,7 +99,11 @@ def raw_throughput(tok_path: Path, data: Path, num_proc: int) -> tuple[int, floa
 
 def _tree_rss(proc: psutil.Process) -> int:
     total = 0
-    for p in [proc] + proc.children(recursive=True):
+    try:
+        family = [proc] + proc.children(recursive=True)
+    except psutil.Error:  # the job has just exited
+        return 0
+    for p in family:
         try:
             total += p.memory_info().rss
         except psutil.Error:
