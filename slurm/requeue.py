@@ -56,9 +56,13 @@ class RequeueOnSignal(Callback):
         self.received = True  # only a flag: the work happens at the next step boundary
 
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
-        if stage == "fit" and self._last_checkpointer(trainer) is None:
+        if stage != "fit":
+            return
+        if self._last_checkpointer(trainer) is None:
             raise ValueError("RequeueOnSignal needs a ModelCheckpoint(save_last=True) among the callbacks: "
                              "its last.ckpt is what `--ckpt_path last` resumes from")
+        # One line per rank in the job log: from here on a signal is safe (tests wait for it).
+        print(f"RequeueOnSignal: rank {trainer.global_rank} ready for {self.signum.name}", flush=True)
 
     @staticmethod
     def _last_checkpointer(trainer: "pl.Trainer") -> Optional[ModelCheckpoint]:

@@ -61,3 +61,114 @@ def test_data_prep_array_and_merge(slurm_jobs: SlurmJobs, tokenizer_json: Path, 
         assert arrayed.num_tokens == alone.num_tokens > 0
         assert arrayed.num_documents == alone.num_documents
         assert len({r["file"] for r in arrayed.records}) > 1  # the tasks really split the work
+
+
+# --- pretraining through slurm/pretrain.sbatch ---------------------------------------------
+
+MAX_STEPS = 12
+CKPT_EVERY = 4
+KEEP_CALLBACKS = ("ModelCheckpoint", "LearningRateMonitor", "NonFiniteGuard")
+
+
+@pytest.fixture(scope="session")
+def shards_dir(tmp_path_factory, tokenizer_json: Path, shakespeare_path: Path) -> Path:
+    from data_prep.make_shards import make_shards
+    out = tmp_path_factory.mktemp("shards")
+    make_shards(str(shakespeare_path), str(tokenizer_json), str(out), val_fraction=0.1, progress=False)
+    return out
+
+
+def tiny_config(path: Path, run_dir: Path, shards: Path, tokenizer: Path) -> Path:
+    """recipes/configs/tiny-cpu.yaml shrunk to seconds per step and pointed at `run_dir`:
+    the CPU overrides a Slurm test needs, written as a config (the sbatch script takes any)."""
+    import yaml
+    cfg = yaml.safe_load((ROOT / "recipes" / "configs" / "tiny-cpu.yaml").read_text())
+    t = cfg["trainer"]
+    t.update(default_root_dir=str(run_dir), max_steps=MAX_STEPS, log_every_n_steps=1, precision="32-true",
+             limit_val_batches=0, val_check_interval=None, enable_progress_bar=False)
+    for logger in t["logger"]:
+        logger["init_args"]["save_dir"] = str(run_dir)
+    # Generation samples and the MFU monitor's peak measurement cost more than these steps.
+    t["callbacks"] = [c for c in t["callbacks"] if c["class_path"].rsplit(".", 1)[1] in KEEP_CALLBACKS]
+    for c in t["callbacks"]:
+        if c["class_path"].endswith("ModelCheckpoint"):
+            c["init_args"].update(dirpath=str(run_dir / "checkpoints"), every_n_train_steps=CKPT_EVERY)
+    cfg["model"]["model_config"].update(n_layer=2, n_head=2, n_embd=64, block_size=64)
+    cfg["data"].update(data_dir=str(shards), tokenizer=str(tokenizer), block_size=64, micro_batch_size=4,
+                       val_windows=4)
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def submit_pretrain(jobs: SlurmJobs, config: Path, name: str, nodes: int, per_node: int) -> str:
+    return jobs.sbatch(f"--nodes={nodes}", f"--ntasks-per-node={per_node}", f"--job-name={name}",
+                       str(ROOT / "slurm" / "pretrain.sbatch"), str(config), "--trainer.strategy", "ddp")
+
+
+def step_losses(run_dir: Path) -> dict[int, float]:
+    """step -> train/loss from every CSVLogger version of a run (a requeued run adds one)."""
+    import csv
+    losses: dict[int, float] = {}
+    for metrics in sorted((run_dir / "csv").glob("version_*/metrics.csv")):
+        for row in csv.DictReader(metrics.open()):
+            if row.get("train/loss"):
+                step = int(row["step"])
+                assert step not in losses, f"step {step} trained twice ({metrics})"
+                losses[step] = float(row["train/loss"])
+    return losses
+
+
+def checkpoint_step(path: Path) -> int:
+    import torch
+    return int(torch.load(path, map_location="cpu", weights_only=True)["global_step"])
+
+
+def test_pretrain_two_nodes_ddp(slurm_jobs: SlurmJobs, shards_dir: Path, tokenizer_json: Path, tmp_path: Path):
+    run_dir = tmp_path / "run"
+    config = tiny_config(tmp_path / "tiny.yaml", run_dir, shards_dir, tokenizer_json)
+    job = submit_pretrain(slurm_jobs, config, "pretrain-ddp", nodes=2, per_node=2)
+    log = slurm_jobs.workdir / "runs" / "slurm" / f"pretrain-ddp-{job}.out"
+    assert_completed(slurm_jobs.wait(job, timeout=400)[job], log)
+
+    text = log.read_text()
+    assert "2 node(s) x 2 task(s) on n[1-2]" in text
+    for rank in range(4):
+        assert f"GLOBAL_RANK: {rank}, MEMBER: {rank + 1}/4" in text
+    assert checkpoint_step(run_dir / "checkpoints" / "last.ckpt") == MAX_STEPS
+    assert sorted(step_losses(run_dir)) == list(range(MAX_STEPS))
+    assert list(run_dir.glob("wandb/offline-run-*/run-*.wandb")), "no offline W&B run file"
+
+
+def test_preempted_job_requeues_and_resumes_exactly(slurm_jobs: SlurmJobs, shards_dir: Path,
+                                                     tokenizer_json: Path, tmp_path: Path):
+    ref_dir, pre_dir = tmp_path / "reference", tmp_path / "preempted"
+    ref = submit_pretrain(slurm_jobs, tiny_config(tmp_path / "ref.yaml", ref_dir, shards_dir, tokenizer_json),
+                          "pretrain-ref", nodes=2, per_node=1)
+    job = submit_pretrain(slurm_jobs, tiny_config(tmp_path / "pre.yaml", pre_dir, shards_dir, tokenizer_json),
+                          "pretrain-pre", nodes=2, per_node=1)
+    logs = slurm_jobs.workdir / "runs" / "slurm"
+
+    # Preempt as `--signal=USR1@90` would near the time limit, as soon as every rank can take it
+    # (earlier, SIGUSR1 would kill a process still importing): on a fast machine the whole run
+    # may take a second, and the signal must land before its last step.
+    log = logs / f"pretrain-pre-{job}.out"
+    slurm_jobs.wait_for(lambda: log.exists() and log.read_text().count("RequeueOnSignal: rank") == 2,
+                        timeout=300, what="both ranks ready for SIGUSR1", job_id=job)
+    slurm_jobs.run("scancel", "--signal=USR1", job)
+    slurm_jobs.wait_for(lambda: slurm_jobs.job(job).get("Restarts") == "1", timeout=120,
+                        what="the requeue", job_id=job)
+
+    records = slurm_jobs.wait(ref, job, timeout=400)
+    assert_completed(records[ref], logs / f"pretrain-ref-{ref}.out")
+    assert_completed(records[job], log)
+    assert records[job]["Restarts"] == "1"
+    text = log.read_text()
+    stopped = int(text.split("stopping for requeue")[0].rsplit("at step ", 1)[1].split(",")[0])
+    assert 1 <= stopped < MAX_STEPS, text[-3000:]
+    assert f"job {job} start 1:" in text and "requeueing" in text
+
+    assert checkpoint_step(pre_dir / "checkpoints" / "last.ckpt") == MAX_STEPS
+    reference, resumed = step_losses(ref_dir), step_losses(pre_dir)
+    assert sorted(resumed) == sorted(reference) == list(range(MAX_STEPS))
+    assert len(list((pre_dir / "csv").glob("version_*"))) == 2  # the run really restarted
+    assert resumed == reference  # every step's loss, before and after the requeue
