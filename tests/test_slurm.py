@@ -172,3 +172,14 @@ def test_preempted_job_requeues_and_resumes_exactly(slurm_jobs: SlurmJobs, shard
     assert sorted(resumed) == sorted(reference) == list(range(MAX_STEPS))
     assert len(list((pre_dir / "csv").glob("version_*"))) == 2  # the run really restarted
     assert resumed == reference  # every step's loss, before and after the requeue
+
+
+def test_layout_mismatch_fails_fast_with_one_line(slurm_jobs: SlurmJobs, tmp_path: Path):
+    config = tmp_path / "any.yaml"
+    config.write_text("trainer: {}\n")
+    job = slurm_jobs.sbatch("-N2", "--ntasks-per-node=1", "--job-name=mismatch", str(ROOT / "slurm" / "pretrain.sbatch"),
+                            str(config), "--trainer.devices", "2")
+    record = slurm_jobs.wait(job, timeout=60)[job]
+    assert record["JobState"] == "FAILED"
+    log = (slurm_jobs.workdir / "runs" / "slurm" / f"mismatch-{job}.out").read_text()
+    assert log.strip() == "error: --trainer.devices=2 but Slurm gave 1 (nodes=2, ntasks-per-node=1)"
