@@ -192,7 +192,8 @@ def prefill_fns(ours: GPT, hf: torch.nn.Module, prompt: torch.Tensor, new_tokens
 
     def hf_prefill() -> None:
         with torch.no_grad():
-            hf(input_ids=prompt, use_cache=True)
+            # Logits of the last position only, as generate asks for and as ours does.
+            hf(input_ids=prompt, use_cache=True, logits_to_keep=1)
 
     return {"ours": ours_prefill, "hf": hf_prefill}
 
