@@ -155,6 +155,8 @@ class LocalCluster:
                               check=check, timeout=timeout)
 
     def start(self, timeout: float = 60) -> None:
+        if os.geteuid() != 0:  # slurmd runs jobs as their users and munged as root here
+            raise ClusterUnavailable("the local Slurm cluster runs its daemons as root")
         ensure_installed()
         if self.state_file.exists():
             raise RuntimeError(f"{self.state_file} exists: a cluster may be running; "
