@@ -22,8 +22,6 @@ export PYTHON
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}"
 # Slurm >= 22.05 no longer passes --cpus-per-task from sbatch to srun by itself.
 if [ -n "${SLURM_CPUS_PER_TASK:-}" ]; then export SRUN_CPUS_PER_TASK="$SLURM_CPUS_PER_TASK"; fi
-# W&B stays offline unless the user exports WANDB_MODE=online.
-export WANDB_MODE="${WANDB_MODE:-offline}"
 
 # has_arg NAME ARGS...: whether `--NAME` or `--NAME=...` is among ARGS.
 has_arg() {
