@@ -23,6 +23,8 @@ round-robin; each val batch carries the UTF-8 byte count of its targets for bits
 from __future__ import annotations
 
 import hashlib
+import os
+import subprocess
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
@@ -35,6 +37,19 @@ from gpt.shards import TokenShards
 from gpt.tokenizer import Tokenizer
 
 _M64 = (1 << 64) - 1
+
+
+def git_commit() -> Optional[str]:
+    """The commit of the code that runs (with "-dirty" for local changes), for reproducibility."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (sha + ("-dirty" if dirty else "")) or None
 
 
 def _mix64(x: int) -> int:
@@ -181,8 +196,10 @@ class PretrainDataModule(L.LightningDataModule):
         self.val_windows, self.num_workers = val_windows, num_workers
         self.val_batch_size = val_batch_size or micro_batch_size
         manifest = Path(data_dir) / "manifest.json"
-        # Reproducibility: which data exactly. Logged with the hyperparameters.
+        # Reproducibility: which data, code and seed exactly; logged and checkpointed with the hparams.
         self.hparams["manifest_sha256"] = hashlib.sha256(manifest.read_bytes()).hexdigest() if manifest.is_file() else None
+        self.hparams["git_commit"] = git_commit()
+        self.hparams["seed_everything"] = int(os.environ["PL_GLOBAL_SEED"]) if "PL_GLOBAL_SEED" in os.environ else None
         self.train: Optional[PretrainWindows] = None
         self.val: Optional[ValWindows] = None
         self._restored_global_batch: Optional[int] = None

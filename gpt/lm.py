@@ -18,9 +18,6 @@ this micro-batch's count * A * W (exact when every micro-batch has the same coun
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-from pathlib import Path
 from typing import Any, Optional
 
 import lightning as L
@@ -32,19 +29,6 @@ from gpt.model import GPT
 from gpt.objectives import causal_lm_loss
 from gpt.optim import LRSchedule, Schedule, build_optimizer
 from gpt.tokenizer import Tokenizer
-
-
-def git_commit() -> Optional[str]:
-    """The commit of the code that runs (with "-dirty" for local changes), for reproducibility."""
-    root = Path(__file__).resolve().parents[1]
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
-                             timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return (sha + ("-dirty" if dirty else "")) or None
 
 
 def total_grad_norm(module: torch.nn.Module) -> Optional[torch.Tensor]:
@@ -74,10 +58,8 @@ class CausalLMModule(L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.config = GPTConfig.from_preset(preset, **(model_config or {}))
-        # Reproducibility, logged and checkpointed with the hyperparameters (plain data only).
-        self.hparams["resolved_model_config"] = self.config.to_dict()
-        self.hparams["git_commit"] = git_commit()
-        self.hparams["seed"] = int(os.environ["PL_GLOBAL_SEED"]) if "PL_GLOBAL_SEED" in os.environ else None
+        # hparams stay exactly the init arguments: LightningCLI parses them back from a checkpoint
+        # given as --ckpt_path. Seed, git commit and manifest hash ride with the data module's.
         self.tokenizer_json = Tokenizer.from_file(tokenizer).to_str() if tokenizer else None
         self.model: Optional[GPT] = None
         self.tokens_seen = 0

@@ -142,3 +142,73 @@ def read_csv_metrics(run_dir: Path) -> list[dict[str, float]]:
 def losses_by_step(run_dir: Path) -> dict[int, float]:
     """train/loss per step; a resumed run's rows overwrite those of the run it resumed."""
     return {int(r["step"]): r["train/loss"] for r in read_csv_metrics(run_dir) if "train/loss" in r}
+
+
+# ---- callbacks the tests put into recipe configs (importable by the recipe subprocess) ----------
+import time as _time
+
+import torch as _torch
+from lightning.pytorch.callbacks import Callback as _Callback
+
+
+class SlowDown(_Callback):
+    """Sleep after every optimizer step, so that a test can kill the run in the middle."""
+
+    def __init__(self, seconds: float = 0.2):
+        self.seconds = seconds
+
+    def on_train_batch_end(self, *args: Any) -> None:
+        _time.sleep(self.seconds)
+
+
+class InjectNaN(_Callback):
+    """At optimizer step `step`: what="weight" poisons a weight (the loss turns NaN from then on),
+    what="grad" poisons one gradient element once (a transient blow-up)."""
+
+    def __init__(self, step: int, what: str = "weight"):
+        self.step, self.what = step, what
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.what == "weight" and trainer.global_step == self.step:
+            with _torch.no_grad():
+                pl_module.model.wte.weight[:] = float("nan")
+
+    def on_after_backward(self, trainer, pl_module) -> None:
+        if self.what == "grad" and trainer.global_step == self.step:
+            next(pl_module.model.parameters()).grad.view(-1)[0] = float("nan")
+
+
+def read_wandb_history(run_file: Path) -> list[dict[str, Any]]:
+    """History rows of an offline `.wandb` file (wandb's internal LevelDB-style log, pinned wandb).
+
+    Framing: a 7-byte file header (":W&B", magic u16, version u8), then 32 KiB blocks of records,
+    each with a 7-byte header (crc32 u32, length u16, type u8: 1 full, 2 first, 3 middle, 4 last).
+    """
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    data = run_file.read_bytes()
+    assert data[:4] == b":W&B", run_file
+    pos, block, payloads, parts = 7, 32768, [], b""
+    while pos + 7 <= len(data):
+        room = block - pos % block
+        if room < 7:  # block trailer too small for a header: padding
+            pos += room
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if kind == 0 and length == 0:
+            pos += room
+            continue
+        chunk = data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        parts = chunk if kind in (1, 2) else parts + chunk
+        if kind in (1, 4):
+            payloads.append(parts)
+    rows = []
+    for raw in payloads:
+        rec = wandb_internal_pb2.Record()
+        rec.ParseFromString(raw)
+        if rec.WhichOneof("record_type") == "history":
+            rows.append({(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in rec.history.item})
+    return rows
