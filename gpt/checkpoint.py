@@ -157,6 +157,7 @@ def _load_lightning(f: Path) -> tuple[GPT, Any]:
         raise CheckpointError(f"{f}: no checkpoint['gpt']['model_config']; not written by gpt.lm")
     state = {}
     for k, v in ckpt["state_dict"].items():
+        k = k.replace("_orig_mod.", "")  # a torch.compile wrapper's name in the key path
         for prefix in _PREFIXES:
             if k.startswith(prefix):
                 state[k[len(prefix):]] = v

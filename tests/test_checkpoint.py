@@ -66,12 +66,27 @@ def test_save_refuses_to_replace_a_foreign_directory(tmp_path):
         save_model(tiny(), tmp_path)
 
 
-@pytest.mark.parametrize("prefix", ["model.", "_forward_module.model.", "module.model."])
+@pytest.mark.parametrize("prefix", ["model.", "_forward_module.model.", "module.model.", "model._orig_mod."])
 def test_lightning_ckpt(tmp_path, prefix):
     model, tok = tiny("tiny-llama"), trained_tokenizer()
     loaded, ltok = load_model(lightning_ckpt(model, tmp_path / "last.ckpt", tok, prefix))
     _same_logits(model, loaded)
     assert ltok.decode(tok.encode("the question")) == "the question"
+
+
+def test_checkpoint_written_by_the_training_module(tmp_path):
+    from gpt.lm import CausalLMModule
+
+    tok = trained_tokenizer()
+    tok.save(tmp_path / "tokenizer.json")
+    module = CausalLMModule(preset="tiny", model_config={"vocab_size": 300}, tokenizer=str(tmp_path / "tokenizer.json"))
+    module.configure_model()
+    ckpt = {"state_dict": module.state_dict()}
+    module.on_save_checkpoint(ckpt)  # what Lightning calls before writing the file
+    torch.save(ckpt, tmp_path / "last.ckpt")
+    loaded, ltok = load_model(tmp_path / "last.ckpt")
+    _same_logits(module.model.eval(), loaded)
+    assert ltok.to_str() == tok.to_str()
 
 
 def test_lightning_ckpt_tied_gpt2_without_tokenizer(tmp_path):
