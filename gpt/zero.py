@@ -1,0 +1,159 @@
+"""DeepSpeed ZeRO for the Trainer, on CUDA and (for development and CI) on CPU over gloo.
+
+    trainer:
+      strategy:
+        class_path: gpt.zero.ZeroStrategy
+        init_args: {config: recipes/deepspeed/zero2.json}
+    # or, after `import gpt.zero`:  Trainer(strategy="zero_stage_2", accelerator="cpu", devices=2)
+
+    state_dict, meta = load_consolidated("runs/x/checkpoints/last.ckpt")   # ZeRO dir -> GPT weights
+    GPT(GPTConfig.from_dict(meta["model_config"])).load_state_dict(state_dict)
+
+ZeroStrategy is Lightning's DeepSpeedStrategy unchanged on GPUs. Lightning refuses any other
+accelerator; when the accelerator is the CPU this subclass (1) skips that CUDA check and does the
+DDP environment set-up, (2) skips the check that device indices equal local ranks (CPU devices
+have no index) and (3) reports `cpu:0` as the root device, because DeepSpeed's engine compares
+the root device index with an int (DeepSpeed's CPU accelerator ignores the index). DeepSpeed
+then runs ZeRO 1/2/3 with the gloo backend.
+
+Gradient clipping: DeepSpeed defaults `gradient_clipping` to 1.0; the value written into the
+engine config is always the Trainer's `gradient_clip_val` (0.0 when unset), so the recipe YAML
+stays the one place to set it. A JSON that sets a different value is refused.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Union
+
+import torch
+from lightning.pytorch.accelerators import CPUAccelerator
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, StrategyRegistry
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.fabric.utilities.seed import reset_seed
+
+# DeepSpeed checkpoints (through Lightning) hold the wrapped LightningModule: strip both prefixes.
+_PREFIXES = ("_forward_module.", "module.", "model.")
+
+
+class ZeroStrategy(DeepSpeedStrategy):
+    """Lightning's DeepSpeedStrategy that also runs on the CPU accelerator (gloo)."""
+
+    strategy_name = "zero"
+
+    def _on_cpu(self) -> bool:
+        return isinstance(self.accelerator, CPUAccelerator)
+
+    def setup_environment(self) -> None:
+        if not self._on_cpu():
+            return super().setup_environment()
+        # DeepSpeedStrategy.setup_environment = CUDA check + DDPStrategy's; keep only the latter.
+        DDPStrategy.setup_environment(self)
+
+    def setup_distributed(self) -> None:
+        if not self._on_cpu():
+            return super().setup_distributed()
+        # As DeepSpeedStrategy.setup_distributed, without the device-index == local-rank check.
+        reset_seed()
+        self.set_world_ranks()
+        self._init_deepspeed_distributed()
+
+    @property
+    def root_device(self) -> torch.device:
+        if self._on_cpu():
+            # deepspeed.initialize(args.device_rank=root_device.index) needs an int >= 0.
+            return torch.device("cpu", 0)
+        return super().root_device
+
+    def _format_batch_size_and_grad_accum_config(self) -> None:
+        user_value = self.config.get("gradient_clipping") if isinstance(self.config, dict) else None
+        super()._format_batch_size_and_grad_accum_config()
+        if self.lightning_module is None:
+            return
+        trainer = self.lightning_module.trainer
+        if trainer.gradient_clip_algorithm not in (None, "norm"):
+            raise MisconfigurationException("DeepSpeed clips by global norm only; use gradient_clip_algorithm: norm")
+        clip = float(trainer.gradient_clip_val or 0.0)
+        if user_value is not None and float(user_value) != clip:
+            raise MisconfigurationException(
+                f"DeepSpeed config gradient_clipping={user_value} but trainer.gradient_clip_val={clip}: "
+                "set it in one place (trainer.gradient_clip_val)")
+        self.config["gradient_clipping"] = clip
+
+    def _auto_select_batch_size(self) -> int:
+        # Only for DeepSpeed's throughput logging. Lightning reads batch_sampler.batch_size, which
+        # our step-indexed sampler (gpt.data) does not have: take the data module's micro-batch.
+        dm = getattr(self.lightning_module.trainer, "datamodule", None)
+        if getattr(dm, "micro_batch_size", None):
+            return int(dm.micro_batch_size)
+        try:
+            return super()._auto_select_batch_size()
+        except AttributeError:
+            return 1
+
+    @classmethod
+    def register_strategies(cls, strategy_registry: Any) -> None:
+        """Registers `zero_stage_{1,2,3}` and `zero_stage_3_offload` (CPU-aware `deepspeed_stage_*`)."""
+        for name, kwargs in {
+            "zero_stage_1": {"stage": 1},
+            "zero_stage_2": {"stage": 2},
+            "zero_stage_3": {"stage": 3},
+            "zero_stage_3_offload": {"stage": 3, "offload_optimizer": True, "offload_parameters": True},
+        }.items():
+            if name not in strategy_registry:
+                strategy_registry.register(name, cls, description=f"CPU-aware DeepSpeed {name}", **kwargs)
+
+
+ZeroStrategy.register_strategies(StrategyRegistry)
+
+
+# ---- consolidation ----------------------------------------------------------------------------
+def _strip(key: str) -> str:
+    for p in _PREFIXES:
+        if key.startswith(p):
+            key = key[len(p):]
+    return key
+
+
+def _tag(path: Path) -> str:
+    latest = path / "latest"
+    if not latest.is_file():
+        raise FileNotFoundError(f"{path} is not a DeepSpeed checkpoint directory (no 'latest' file)")
+    return latest.read_text().strip()
+
+
+def load_meta(path: Union[str, os.PathLike]) -> dict[str, Any]:
+    """The client state Lightning saved with a ZeRO checkpoint, without the tensors of the model.
+
+    Lightning passes its checkpoint dict (minus state_dict / optimizer_states) to DeepSpeed as
+    client state, which DeepSpeed merges into `<tag>/mp_rank_00_model_states.pt` beside its own
+    entries. Everything in it is plain data (dicts, strings, numbers, tensors, torch.Size), so it
+    loads with weights_only=True.
+    """
+    path = Path(path)
+    f = path / _tag(path) / "mp_rank_00_model_states.pt"
+    return torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+
+
+def load_consolidated(path: Union[str, os.PathLike]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Consolidate a Lightning DeepSpeed checkpoint directory (ZeRO 1/2/3) into GPT weights.
+
+    Returns (state_dict with GPT's own keys in fp32, checkpoint["gpt"] = {"model_config",
+    "tokenizer"}). Memory: DeepSpeed's lazy mode memory-maps each rank's fp32 optimizer shard and
+    gathers one parameter at a time, so peak memory is about the fp32 model (what is returned)
+    plus one parameter, not the model plus all the optimizer shards (Adam states stay on disk).
+    DeepSpeed reads its own shard files with torch.load(weights_only=False): these are files this
+    pipeline wrote; the client metadata we read ourselves with weights_only=True.
+    """
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    path = Path(path)
+    meta = load_meta(path)
+    if "gpt" not in meta:
+        raise KeyError(f"{path}: no checkpoint['gpt'] (model_config, tokenizer); not a gpt.lm checkpoint")
+    lazy = get_fp32_state_dict_from_zero_checkpoint(str(path), tag=_tag(path), lazy_mode=True)
+    state: dict[str, torch.Tensor] = {}
+    for key in list(lazy):
+        t = lazy.pop(key)
+        state[_strip(key)] = t.contiguous()  # a GatheredTensor gathers its slices from each shard here
+    return state, meta["gpt"]
