@@ -199,21 +199,21 @@ class IncrementalDecoder:
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
-        self.ids: list[int] = []
-        self.printed = 0  # characters of decode(self.ids) already returned
+        self.ids: list[int] = []  # tokens not yet returned as text
 
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
         text = self.tokenizer.decode(self.ids)
-        if text.endswith("\ufffd"):
+        # A UTF-8 character is at most 4 bytes: past 4 held tokens the U+FFFD is real (invalid
+        # bytes the model chose), so print it rather than hold text back forever.
+        if text.endswith("\ufffd") and len(self.ids) < 4:
             return ""
-        piece = text[self.printed:]
         # Restart the window once it is flushed: decoding stays O(tokens since the last flush).
-        self.ids, self.printed = [], 0
-        return piece
+        self.ids = []
+        return text
 
     def flush(self) -> str:
         """Whatever is held back (an incomplete character at the very end)."""
-        piece = self.tokenizer.decode(self.ids)[self.printed:] if self.ids else ""
-        self.ids, self.printed = [], 0
-        return piece
+        text = self.tokenizer.decode(self.ids) if self.ids else ""
+        self.ids = []
+        return text

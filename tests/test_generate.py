@@ -123,3 +123,9 @@ def test_incremental_decoder_prints_whole_characters():
     pieces = [dec.push(b) for b in text.encode("utf-8")] + [dec.flush()]
     assert "".join(pieces) == text
     assert all("\ufffd" not in p for p in pieces)
+
+
+def test_incremental_decoder_does_not_hold_invalid_bytes_forever():
+    dec = IncrementalDecoder(_ByteTok())
+    pieces = [dec.push(b) for b in [0xFF, 0xFE, 0xFD, 0xFC, ord("a")]]
+    assert pieces[3] == "\ufffd" * 4 and pieces[4] == "a"
