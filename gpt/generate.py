@@ -151,16 +151,21 @@ def generate(model: GPT, prompts: Sequence[Sequence[int]], max_new_tokens: int, 
     gen = _generator(seed, device)
     rows = _Rows(B, stop_ids, on_token)
     positions = valid.long().cumsum(-1) - 1  # 0 at each row's first real token
-    logits = model(tokens, position_ids=positions.clamp(min=0), attn_mask=_mask(valid, P),
+    # Prompts of one length need no mask: the model's causal kernel is the fast path.
+    padded = not bool(valid.all())
+    logits = model(tokens, position_ids=positions.clamp(min=0), attn_mask=_mask(valid, P) if padded else None,
                    cache=cache, last_only=True)
     next_pos = positions[:, -1] + 1
+    # Keys of a one-token step: the valid prompt keys and every generated key (the newest is
+    # the query's own, so no row is all-masked). Built once, sliced per step.
+    keys = torch.cat([valid, valid.new_ones(B, max_new_tokens)], dim=1)[:, None, None, :]
     for step in range(max_new_tokens):
         next_ids = sample_next(logits[:, -1], temperature, top_k, top_p, gen)
         if rows.add(next_ids) or step == max_new_tokens - 1:
             break
         # Finished rows keep decoding (a batch moves together) but their tokens are ignored.
-        valid = torch.cat([valid, valid.new_ones(B, 1)], dim=1)
-        logits = model(next_ids[:, None], position_ids=next_pos[:, None], attn_mask=_mask(valid, 1), cache=cache)
+        logits = model(next_ids[:, None], position_ids=next_pos[:, None],
+                       attn_mask=keys[..., :P + step + 1] if padded else None, cache=cache)
         next_pos = next_pos + 1
     return rows.out
 
