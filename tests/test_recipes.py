@@ -94,6 +94,7 @@ def test_tiny_cpu_loss_falls(tmp_path):
     cfg = yaml.safe_load(text)
     cfg["trainer"]["max_steps"] = 40
     cfg["trainer"]["val_check_interval"] = 40
+    cfg["trainer"]["log_every_n_steps"] = 1
     cfg["trainer"]["logger"] = [c for c in cfg["trainer"]["logger"] if "CSVLogger" in c["class_path"]]
     cfg["model"]["warmup_steps"] = 5
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
