@@ -23,8 +23,9 @@ stays the one place to set it. A JSON that sets a different value is refused.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Generator, Union
 
 import torch
 from lightning.pytorch.accelerators import CPUAccelerator
@@ -40,6 +41,19 @@ class ZeroStrategy(DeepSpeedStrategy):
     """Lightning's DeepSpeedStrategy that also runs on the CPU accelerator (gloo)."""
 
     strategy_name = "zero"
+
+    def __init__(self, *args: Any, sharded_init: bool = False, **kwargs: Any) -> None:
+        """Args as DeepSpeedStrategy's (`config`: a JSON path or dict, `stage`, ...), plus
+
+        sharded_init: build the model inside deepspeed.zero.Init under ZeRO-3 (each rank only
+            ever holds its shard). Off by default: zero.Init partitions every parameter to shape
+            [0] as soon as its submodule is built, so GPT.__init__'s own initialization
+            (reset_parameters) and the optimizer's decay / no-decay split by p.dim() would see
+            empty tensors. Off, each rank builds the full model once, then deepspeed.initialize
+            shards it; training memory is the same, only start-up peaks at one full fp32 copy.
+        """
+        super().__init__(*args, **kwargs)
+        self.sharded_init = sharded_init
 
     def _on_cpu(self) -> bool:
         return isinstance(self.accelerator, CPUAccelerator)
@@ -57,6 +71,15 @@ class ZeroStrategy(DeepSpeedStrategy):
         reset_seed()
         self.set_world_ranks()
         self._init_deepspeed_distributed()
+
+    @contextmanager
+    def model_sharded_context(self) -> Generator[None, None, None]:
+        if self.sharded_init:
+            with super().model_sharded_context():
+                yield
+            return
+        self._init_config_if_needed()
+        yield
 
     @property
     def root_device(self) -> torch.device:
@@ -127,11 +150,13 @@ def load_meta(path: Union[str, os.PathLike]) -> dict[str, Any]:
 
     Lightning passes its checkpoint dict (minus state_dict / optimizer_states) to DeepSpeed as
     client state, which DeepSpeed merges into `<tag>/mp_rank_00_model_states.pt` beside its own
-    entries. Everything in it is plain data (dicts, strings, numbers, tensors, torch.Size), so it
+    entries (ZeRO-3: `zero_pp_rank_0_mp_rank_00_model_states.pt`). Everything in it is plain data (dicts, strings, numbers, tensors, torch.Size), so it
     loads with weights_only=True.
     """
     path = Path(path)
-    f = path / _tag(path) / "mp_rank_00_model_states.pt"
+    d = path / _tag(path)
+    f = d / "mp_rank_00_model_states.pt"  # ZeRO 1/2; ZeRO-3 writes one per rank, rank 0's is enough
+    f = f if f.is_file() else d / "zero_pp_rank_0_mp_rank_00_model_states.pt"
     return torch.load(f, map_location="cpu", weights_only=True, mmap=True)
 
 
