@@ -19,6 +19,7 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
 
 from gpt.flops import peak_flops
+from gpt.generate import generate
 from gpt.lm import total_grad_norm
 from gpt.tokenizer import Tokenizer
 
@@ -89,37 +90,11 @@ class NonFiniteGuard(Callback):
         self.skipped = int(state_dict.get("skipped", 0))
 
 
-@torch.no_grad()
-def greedy_or_sampled(model: torch.nn.Module, prompt: list[int], max_new_tokens: int, temperature: float,
-                      top_k: Optional[int], generator: torch.Generator, stop: Optional[int]) -> list[int]:
-    """A plain loop without KV cache (a few short prompts at validation time)."""
-    device = next(model.parameters()).device
-    ids = torch.tensor([prompt], device=device)
-    out: list[int] = []
-    block = model.config.block_size
-    for _ in range(max_new_tokens):
-        logits = model(ids[:, -block:], last_only=True)[0, -1].float()
-        if temperature <= 0:
-            nxt = int(logits.argmax())
-        else:
-            logits = logits / temperature
-            if top_k:
-                kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
-                logits = logits.masked_fill(logits < kth, float("-inf"))
-            probs = torch.softmax(logits, -1).cpu()
-            nxt = int(torch.multinomial(probs, 1, generator=generator))
-        if stop is not None and nxt == stop:
-            break
-        out.append(nxt)
-        ids = torch.cat([ids, torch.tensor([[nxt]], device=device)], dim=1)
-    return out
-
-
 class SampleGenerations(Callback):
     """Continuations of fixed prompts at every validation, logged as a W&B table and printed.
 
     Runs on every rank (a ZeRO-3 forward needs all ranks) with a fixed seed, logs from rank 0.
-    temperature 0 is greedy.
+    temperature 0 is greedy. Generation is gpt.generate (KV cache), the one used by `gpt sample`.
     """
 
     def __init__(self, prompts: Optional[list[str]] = None, max_new_tokens: int = 48,
@@ -132,14 +107,12 @@ class SampleGenerations(Callback):
         if trainer.sanity_checking or tok_json is None:
             return
         tok = Tokenizer.from_str(tok_json)
-        model = pl_module.model
-        gen = torch.Generator().manual_seed(self.seed)
-        rows = []
+        prompts = [tok.encode(p) for p in self.prompts]
+        room = pl_module.model.config.block_size - max(len(p) for p in prompts)
         with trainer.precision_plugin.forward_context():
-            for prompt in self.prompts:
-                ids = greedy_or_sampled(model, tok.encode(prompt), self.max_new_tokens, self.temperature,
-                                        self.top_k, gen, tok.eot_id)
-                rows.append([trainer.global_step, prompt, tok.decode(ids)])
+            outs = generate(pl_module.model, prompts, max_new_tokens=max(0, min(self.max_new_tokens, room)),
+                            temperature=self.temperature, top_k=self.top_k, seed=self.seed, stop_ids=[tok.eot_id])
+        rows = [[trainer.global_step, p, tok.decode(ids)] for p, ids in zip(self.prompts, outs)]
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 if isinstance(logger, WandbLogger):
