@@ -33,6 +33,11 @@ from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, Strateg
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.fabric.utilities.seed import reset_seed
 
+# Without a GPU, tell DeepSpeed so: its auto-detection logs "Setting accelerator to CPU" to stdout,
+# which lands in the middle of `--print_config` output.
+if not torch.cuda.is_available():
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
 # DeepSpeed checkpoints (through Lightning) hold the wrapped LightningModule: strip both prefixes.
 _PREFIXES = ("_forward_module.", "module.", "model.")
 
