@@ -22,7 +22,9 @@ stays the one place to set it. A JSON that sets a different value is refused.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Generator, Union
@@ -181,9 +183,11 @@ def load_consolidated(path: Union[str, os.PathLike]) -> tuple[dict[str, torch.Te
     meta = load_meta(path)
     if "gpt" not in meta:
         raise KeyError(f"{path}: no checkpoint['gpt'] (model_config, tokenizer); not a gpt.lm checkpoint")
-    lazy = get_fp32_state_dict_from_zero_checkpoint(str(path), tag=_tag(path), lazy_mode=True)
-    state: dict[str, torch.Tensor] = {}
-    for key in list(lazy):
-        t = lazy.pop(key)
-        state[_strip(key)] = t.contiguous()  # a GatheredTensor gathers its slices from each shard here
+    # zero_to_fp32 print()s its progress: onto stderr, so `gpt sample > out.txt` holds only the text.
+    with contextlib.redirect_stdout(sys.stderr):
+        lazy = get_fp32_state_dict_from_zero_checkpoint(str(path), tag=_tag(path), lazy_mode=True)
+        state: dict[str, torch.Tensor] = {}
+        for key in list(lazy):
+            t = lazy.pop(key)
+            state[_strip(key)] = t.contiguous()  # a GatheredTensor gathers its slices from each shard here
     return state, meta["gpt"]
