@@ -82,8 +82,8 @@ class CausalLMModule(L.LightningModule):
         if T > self.config.block_size:
             raise ValueError(f"data.block_size {T} is longer than the model's block_size {self.config.block_size}")
         m = getattr(dm, "micro_batch_size", 1)
-        # ThroughputMonitor divides by world size to get per-device FLOP/s: give it all ranks' FLOPs.
-        self.flops_per_batch = flops_per_token(self.config, T) * m * T * self.trainer.world_size
+        # Per device and micro-batch: Lightning's Throughput multiplies by world size itself.
+        self.flops_per_batch = flops_per_token(self.config, T) * m * T
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.model(idx)

@@ -75,6 +75,21 @@ def test_flops_per_batch_matches_measured_flops(preset):
     assert measured == pytest.approx(flops_per_token(cfg, 64) * 2 * 64, rel=1e-3)
 
 
+def test_mfu_counts_each_device_once():
+    """Lightning's Throughput sums flops_per_batch over ranks itself: a per-device value gives
+    per-device FLOP/s equal to one micro-batch's FLOPs per second (a global value gave 2x MFU)."""
+    from lightning.fabric.utilities.throughput import Throughput
+    m = CausalLMModule(preset="tiny")
+    m.trainer = SimpleNamespace(world_size=2, datamodule=SimpleNamespace(block_size=64, micro_batch_size=4))
+    m.setup("fit")
+    t = Throughput(available_flops=1e12, world_size=2, window_size=3)
+    for i in range(3):  # one micro-batch per second on each rank
+        t.update(time=float(i), batches=i + 1, samples=4 * (i + 1), flops=m.flops_per_batch)
+    per_device = flops_per_token(m.config, 64) * 4 * 64
+    assert t.compute()["device/flops_per_sec"] == pytest.approx(per_device)
+    assert t.compute()["device/mfu"] == pytest.approx(per_device / 1e12)
+
+
 def test_hparams_are_plain_and_record_reproducibility():
     m = CausalLMModule(preset="tiny", model_config={"n_layer": 1})
     assert m.config.n_layer == 1
