@@ -135,9 +135,9 @@ class CausalLMModule(L.LightningModule):
         loss_sum, n, nbytes = self.trainer.strategy.reduce(self._val, reduce_op="sum").tolist()
         if n == 0:
             return
-        self.log("val/loss", loss_sum / n, rank_zero_only=True)
+        self.log("val/loss", loss_sum / n, prog_bar=True, rank_zero_only=True)
         if nbytes > 0:
-            self.log("val/bpb", loss_sum / math.log(2) / nbytes, rank_zero_only=True)
+            self.log("val/bpb", loss_sum / math.log(2) / nbytes, prog_bar=True, rank_zero_only=True)
 
     # ---- checkpoints --------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

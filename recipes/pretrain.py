@@ -30,6 +30,8 @@ from gpt.lm import CausalLMModule
 # Our sampler resumes mid-epoch from trainer.global_step (gpt/data.py), which this warning
 # (about loaders that cannot) does not know.
 warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch ended.*")
+# Lightning 2.6 on torch >= 2.13 warns about its own use of a deprecated torch pytree API.
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
 
 
 def wandb_offline_unless_configured() -> None:
