@@ -152,17 +152,23 @@ class GPT(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """N(0, 0.02) everywhere; residual projections scaled by 1/sqrt(2 * n_layer) (GPT-2)."""
-        std = self.config.init_std
         for name, p in self.named_parameters():
-            if name.endswith("bias"):
-                nn.init.zeros_(p)
-            elif "norm" in name:
-                nn.init.ones_(p)
-            elif name.endswith("attn.proj.weight") or name.endswith("mlp.proj.weight"):
-                nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.config.n_layer))
-            else:
-                nn.init.normal_(p, 0.0, std)
+            self.init_parameter(name, p)
+
+    def init_parameter(self, name: str, p: torch.Tensor) -> None:
+        """N(0, 0.02) everywhere; residual projections scaled by 1/sqrt(2 * n_layer) (GPT-2).
+
+        One parameter at a time, so a sharded build (ZeRO-3, gpt.zero) can gather each in turn.
+        """
+        std = self.config.init_std
+        if name.endswith("bias"):
+            nn.init.zeros_(p)
+        elif "norm" in name:
+            nn.init.ones_(p)
+        elif name.endswith("attn.proj.weight") or name.endswith("mlp.proj.weight"):
+            nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.config.n_layer))
+        else:
+            nn.init.normal_(p, 0.0, std)
 
     def forward(self, idx: torch.Tensor, *, position_ids: Optional[torch.Tensor] = None,
                 attn_mask: Optional[torch.Tensor] = None, cache: Optional[KVCache] = None,

@@ -30,7 +30,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     for _, p in model.named_parameters():  # named_parameters() yields a tied weight once
         if not p.requires_grad:
             continue
-        if p.dim() < 2 or id(p) in embedding_ids:
+        # A ZeRO-3 parameter built inside deepspeed.zero.Init is a [0]-shaped shard; ds_shape is its shape.
+        if len(getattr(p, "ds_shape", p.shape)) < 2 or id(p) in embedding_ids:
             no_decay.append(p)
         else:
             decay.append(p)

@@ -52,12 +52,13 @@ class ZeroStrategy(DeepSpeedStrategy):
     def __init__(self, *args: Any, sharded_init: bool = False, **kwargs: Any) -> None:
         """Args as DeepSpeedStrategy's (`config`: a JSON path or dict, `stage`, ...), plus
 
-        sharded_init: build the model inside deepspeed.zero.Init under ZeRO-3 (each rank only
-            ever holds its shard). Off by default: zero.Init partitions every parameter to shape
-            [0] as soon as its submodule is built, so GPT.__init__'s own initialization
-            (reset_parameters) and the optimizer's decay / no-decay split by p.dim() would see
-            empty tensors. Off, each rank builds the full model once, then deepspeed.initialize
-            shards it; training memory is the same, only start-up peaks at one full fp32 copy.
+        sharded_init: under ZeRO-3, build the model inside deepspeed.zero.Init, so each rank
+            only ever holds its shard: the way to start a model larger than one rank's host RAM.
+            zero.Init partitions each parameter to shape [0] as soon as its submodule is built, so
+            GPT's own initialization runs again afterwards, one gathered parameter at a time
+            (`_init_sharded`); the result equals the unsharded build (tested: same losses as DDP).
+            Off by default: each rank builds the full model once and deepspeed.initialize shards
+            it; training memory is the same, only start-up peaks at one full fp32 copy.
         """
         super().__init__(*args, **kwargs)
         self.sharded_init = sharded_init
@@ -84,9 +85,27 @@ class ZeroStrategy(DeepSpeedStrategy):
         if self.sharded_init:
             with super().model_sharded_context():
                 yield
+            if self.zero_stage_3:
+                self._init_sharded()
             return
         self._init_config_if_needed()
         yield
+
+    def _init_sharded(self) -> None:
+        """Re-run each model's `init_parameter` on parameters zero.Init has already partitioned.
+
+        Gathering one parameter at a time keeps peak memory at one full parameter. Every rank draws
+        the same random numbers (same seed, same order as the unsharded build, whose in-__init__
+        pass drew nothing from the empty shards); rank 0's values are the ones kept.
+        """
+        import deepspeed
+
+        for module in self.lightning_module.modules():
+            if not hasattr(module, "init_parameter"):
+                continue
+            for name, p in module.named_parameters():
+                with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+                    module.init_parameter(name, p)
 
     @property
     def root_device(self) -> torch.device:
