@@ -91,6 +91,12 @@ class ZeroStrategy(DeepSpeedStrategy):
         self._init_config_if_needed()
         yield
 
+    @property
+    def offloads_optimizer(self) -> bool:
+        """Whether Adam runs in host memory (ZeRO-Offload): CausalLMModule then builds DeepSpeedCPUAdam."""
+        zero = self.config.get("zero_optimization", {}) if isinstance(self.config, dict) else {}
+        return (zero.get("offload_optimizer") or {}).get("device") in ("cpu", "nvme")
+
     def _init_sharded(self) -> None:
         """Re-run each model's `init_parameter` on parameters zero.Init has already partitioned.
 

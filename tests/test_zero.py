@@ -86,6 +86,7 @@ def zero_runs(tmp_path_factory, shards):
 
 
 # zero3_offload_sharded is llama-7b.yaml's strategy: parameters and Adam in host RAM, sharded build.
+# Its optimizer is DeepSpeedCPUAdam (DeepSpeed refuses torch's AdamW with offload), torch's AdamW for DDP.
 @pytest.mark.parametrize("stage", ["zero1", "zero2", "zero3", "zero3_sharded", "zero3_offload_sharded"])
 def test_zero_losses_equal_ddp(zero_runs, ddp_losses, stage):
     losses, run_dir, live_logits = zero_runs(stage)
