@@ -1,1 +1,1 @@
-"""Jobs that turn raw text into tokenizers and token shards (see docs/data_prep.md)."""
+"""Jobs that turn raw text into tokenizers and token shards (see the README, "Data prep")."""
