@@ -67,8 +67,11 @@ def peak_flops(device: torch.device | str, dtype: torch.dtype = torch.float32) -
 def measure_matmul_peak(device: str = "cpu", dtype: torch.dtype = torch.float32, n: int = 1024,
                         seconds: float = 0.5) -> float:
     """Best FLOP/s of a square n x n matmul over ~`seconds` of repeats (cached per process)."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
+    # A private generator: measuring must not move the global RNG, or the model's initialization
+    # would depend on whether a throughput monitor (which measures at start-up) is configured.
+    g = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=g)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=g)
     best = 0.0
     deadline = time.perf_counter() + seconds
     a @ b  # warm-up: first call pays for kernel selection

@@ -113,6 +113,16 @@ class CausalLMModule(L.LightningModule):
         self._step_loss = torch.zeros((), device=loss.device)
         self._step_targets = 0
 
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # DeepSpeed keeps gradients in its own (partitioned) buffers, so on_before_optimizer_step
+        # found none in .grad: log the pre-clip global norm DeepSpeed computed in this step.
+        engine = getattr(self.trainer.strategy, "deepspeed_engine", None)
+        if engine is None or (batch_idx + 1) % self.trainer.accumulate_grad_batches:
+            return
+        norm = engine.get_global_grad_norm()
+        if norm is not None:
+            self.log("train/grad_norm", float(norm), on_step=True, rank_zero_only=True)
+
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
         opt = build_optimizer(self.model, lr=hp.lr, weight_decay=hp.weight_decay, betas=hp.betas, eps=hp.eps,

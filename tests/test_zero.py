@@ -59,10 +59,15 @@ def _train(tmp: Path, shards: Path, strategy: str, *extra: str) -> tuple[dict[in
 
 
 @pytest.fixture(scope="module")
-def ddp_losses(tmp_path_factory, shards) -> dict[int, float]:
-    losses, _ = _train(tmp_path_factory.mktemp("ddp"), shards, "ddp")
+def ddp_run(tmp_path_factory, shards) -> tuple[dict[int, float], Path]:
+    losses, run_dir = _train(tmp_path_factory.mktemp("ddp"), shards, "ddp")
     assert len(losses) == STEPS
-    return losses
+    return losses, run_dir
+
+
+@pytest.fixture(scope="module")
+def ddp_losses(ddp_run) -> dict[int, float]:
+    return ddp_run[0]
 
 
 def _assert_close(got: dict[int, float], want: dict[int, float], tol: float = 1e-5) -> None:
@@ -88,10 +93,13 @@ def zero_runs(tmp_path_factory, shards):
 # zero3_offload_sharded is llama-7b.yaml's strategy: parameters and Adam in host RAM, sharded build.
 # Its optimizer is DeepSpeedCPUAdam (DeepSpeed refuses torch's AdamW with offload), torch's AdamW for DDP.
 @pytest.mark.parametrize("stage", ["zero1", "zero2", "zero3", "zero3_sharded", "zero3_offload_sharded"])
-def test_zero_losses_equal_ddp(zero_runs, ddp_losses, stage):
+def test_zero_losses_equal_ddp(zero_runs, ddp_run, stage):
+    ddp_losses, ddp_dir = ddp_run
     losses, run_dir, live_logits = zero_runs(stage)
     print(f"{stage}: max |loss - ddp| over {STEPS} steps = {max(abs(losses[s] - ddp_losses[s]) for s in ddp_losses):.2e}")
     _assert_close(losses, ddp_losses)
+    # The pre-clip gradient norm DeepSpeed computed (gpt.lm logs it from the engine) is DDP's.
+    _assert_close(losses_by_step(run_dir, "train/grad_norm"), losses_by_step(ddp_dir, "train/grad_norm"), tol=1e-4)
     ckpt = run_dir / "checkpoints" / "last.ckpt"
     assert (ckpt / "latest").is_file()  # a DeepSpeed directory
     # The consolidated checkpoint is the live model: same logits.
