@@ -22,5 +22,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-bench: $(STAMP)
+bench: $(STAMP)  ## ~30 min on 2 cores; each writes its section of BENCHMARKS.md
 	$(PY) -m benchmarks.model_bench
+	$(PY) -m benchmarks.data_prep_bench
+	$(PY) -m benchmarks.pretrain_bench
