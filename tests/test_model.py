@@ -33,6 +33,21 @@ def test_kv_cache_matches_full_forward(preset):
     torch.testing.assert_close(torch.cat(pieces, 1), full, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("shape", [(1, 1), (1, 3), (3, 1), (8, 8), (2, 40)])
+def test_inference_head_equals_training_head(shape):
+    # Without autograd the head takes W @ x.T (one row padded to two); with it, F.linear.
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_preset("tiny", vocab_size=1000))
+    idx = torch.randint(0, 1000, shape)
+    with torch.no_grad():
+        fast = model(idx)
+    slow = model(idx).detach()
+    assert fast.shape == slow.shape == (*shape, 1000)
+    torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():  # the last position alone (decode's prefill) is a one-row product
+        torch.testing.assert_close(model(idx, last_only=True), slow[:, -1:], atol=1e-5, rtol=1e-5)
+
+
 def test_gqa_and_qk_norm_forward_backward():
     cfg = GPTConfig.from_preset("tiny-llama", qk_norm=True, activation_checkpointing=True)
     model = GPT(cfg)
