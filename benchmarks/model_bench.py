@@ -263,7 +263,7 @@ def render(train: dict, decode: dict, peaks: dict[str, float], block: int, batch
     hf_attn = hf_twin(gpt_config(64, 8, dict(n_layer=1, n_head=1, n_embd=8))).config._attn_implementation
     return (
         "## Model: ours vs transformers\n\n" + environment()
-        + f"\n`python -m benchmarks.model_bench{' --quick' if quick else ''}{' --compile' if compile_ours else ''}` · {torch.get_num_threads()} torch threads"
+        + f"\n`python -m benchmarks.model_bench{' --quick' if quick else ''}{' --compile' if any('ours+compile' in t for t in train.values()) else ''}` · {torch.get_num_threads()} torch threads"
         + f" · matmul peak measured in this run: fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s"
         + f" (bf16 in hardware: {'yes' if native_bf16() else 'no, avx512_bf16/amx_bf16 absent: bf16 GEMMs are emulated'})\n\n"
         + f"### Training step (6 layers, 6 heads, 384 wide, block {block}, batch {batch})\n\n"
