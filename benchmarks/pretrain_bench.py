@@ -36,6 +36,7 @@ from typing import Any, Optional
 import yaml
 
 from benchmarks.common import environment, markdown_table, write_section
+from tests.pretrain_fixtures import read_csv_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "recipes" / "configs" / "tiny-cpu.yaml"
@@ -109,16 +110,6 @@ def row_config(run_dir: Path, tok: Path, shards: Path, precision: str, devices: 
     return path
 
 
-def read_metrics(run_dir: Path) -> list[dict[str, float]]:
-    import csv
-
-    rows = []
-    for f in sorted((run_dir / "csv").glob("version_*/metrics.csv")):
-        with open(f) as fh:
-            rows += [{k: float(v) for k, v in r.items() if v not in ("", None)} for r in csv.DictReader(fh)]
-    return rows
-
-
 def summarize(rows: list[dict[str, float]], devices: int, skip: int = 15) -> dict[str, float]:
     """Median global tokens/s and MFU after the first `skip` steps."""
     key = "train/items_per_sec" if devices > 1 else "train/device/items_per_sec"
@@ -141,7 +132,7 @@ def run(steps: int, full: bool) -> str:
             run_dir = work / label.replace(" ", "_").replace(",", "")
             cfg = row_config(run_dir, tok, shards, precision, devices, strategy, steps)
             wall = _run([sys.executable, "-m", "recipes.pretrain", "fit", "--config", str(cfg)], threads=2 // devices)
-            s = summarize(read_metrics(run_dir), devices)
+            s = summarize(read_csv_metrics(run_dir), devices)
             base = base or s["tps"]
             table.append([label, f"{s['tps']:,.0f}", f"{s['tps'] / base:.2f}×", f"{100 * s['mfu']:.1f}%",
                           f"{s['loss10']:.6f}", f"{s['loss']:.5f}", f"{wall:.0f}"])
@@ -161,7 +152,7 @@ def run(steps: int, full: bool) -> str:
             run_dir = work / "full"
             cfg = row_config(run_dir, tok, shards, "32-true", 1, "auto", None)
             wall = _run([sys.executable, "-m", "recipes.pretrain", "fit", "--config", str(cfg)])
-            rows = read_metrics(run_dir)
+            rows = read_csv_metrics(run_dir)
             val = [r for r in rows if "val/loss" in r]
             first, last = val[0], val[-1]
             s = summarize(rows, 1)

@@ -199,8 +199,8 @@ def load_consolidated(path: Union[str, os.PathLike]) -> tuple[dict[str, torch.Te
     "tokenizer"}). Memory: DeepSpeed's lazy mode memory-maps each rank's fp32 optimizer shard and
     gathers one parameter at a time, so peak memory is about the fp32 model (what is returned)
     plus one parameter, not the model plus all the optimizer shards (Adam states stay on disk).
-    DeepSpeed reads its own shard files with torch.load(weights_only=False): these are files this
-    pipeline wrote; the client metadata we read ourselves with weights_only=True.
+    DeepSpeed's zero_to_fp32 unpickles its own shard files without the weights-only guard: these
+    are files this pipeline wrote; the client metadata we read ourselves with weights_only=True.
     """
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 

@@ -139,9 +139,13 @@ def read_csv_metrics(run_dir: Path) -> list[dict[str, float]]:
     return rows
 
 
-def losses_by_step(run_dir: Path, key: str = "train/loss") -> dict[int, float]:
-    """`key` (train/loss by default) per step; a resumed run's rows overwrite those of the run it resumed."""
+def metric_by_step(run_dir: Path, key: str) -> dict[int, float]:
+    """`key` per step; a resumed run's rows overwrite those of the run it resumed."""
     return {int(r["step"]): r[key] for r in read_csv_metrics(run_dir) if key in r}
+
+
+def losses_by_step(run_dir: Path) -> dict[int, float]:
+    return metric_by_step(run_dir, "train/loss")
 
 
 # ---- callbacks the tests put into recipe configs (importable by the recipe subprocess) ----------

@@ -22,7 +22,7 @@ from gpt.config import GPTConfig
 from gpt.model import GPT
 from gpt.zero import load_consolidated
 from tests.zero_callbacks import probe_tokens
-from tests.pretrain_fixtures import ROOT, losses_by_step, recipe_env, run_recipe, write_config, write_random_shards
+from tests.pretrain_fixtures import ROOT, losses_by_step, metric_by_step, recipe_env, run_recipe, write_config, write_random_shards
 
 pytestmark = pytest.mark.slow
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "gpt-pipeline" / "torch_extensions"))
@@ -65,11 +65,6 @@ def ddp_run(tmp_path_factory, shards) -> tuple[dict[int, float], Path]:
     return losses, run_dir
 
 
-@pytest.fixture(scope="module")
-def ddp_losses(ddp_run) -> dict[int, float]:
-    return ddp_run[0]
-
-
 def _assert_close(got: dict[int, float], want: dict[int, float], tol: float = 1e-5) -> None:
     assert sorted(got) == sorted(want), (sorted(got), sorted(want))
     diffs = {s: abs(got[s] - want[s]) for s in want}
@@ -99,7 +94,7 @@ def test_zero_losses_equal_ddp(zero_runs, ddp_run, stage):
     print(f"{stage}: max |loss - ddp| over {STEPS} steps = {max(abs(losses[s] - ddp_losses[s]) for s in ddp_losses):.2e}")
     _assert_close(losses, ddp_losses)
     # The pre-clip gradient norm DeepSpeed computed (gpt.lm logs it from the engine) is DDP's.
-    _assert_close(losses_by_step(run_dir, "train/grad_norm"), losses_by_step(ddp_dir, "train/grad_norm"), tol=1e-4)
+    _assert_close(metric_by_step(run_dir, "train/grad_norm"), metric_by_step(ddp_dir, "train/grad_norm"), tol=1e-4)
     ckpt = run_dir / "checkpoints" / "last.ckpt"
     assert (ckpt / "latest").is_file()  # a DeepSpeed directory
     # The consolidated checkpoint is the live model: same logits.
