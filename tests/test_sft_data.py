@@ -106,6 +106,9 @@ def test_row_labels_never_cross_conversations():
     x = IGNORE_INDEX
     assert row["labels"].tolist() == [x, x, x, x, 11, 5, x, x, x, x, x, 13, 14, 5]
     assert row["position_ids"].tolist() == [0, 1, 2, 3, 4, 5, 6, 0, 1, 2, 3, 4, 5, 6]
+    # even a conversation whose first token were a target is not predicted from the previous one
+    c = (np.array([7, 8]), np.array([1, 1], dtype=np.uint8))
+    assert row_arrays([a, c])["labels"].tolist() == [x, x, x, x, 11, 5, x, 8]
     assert row["segment_ids"].tolist() == [0] * 7 + [1] * 7
     batch = SFTCollator(pad_id=1, attn_mask=True)([{**row, "num_targets_global": 9},
                                                    row_arrays([a])])
