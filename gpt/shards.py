@@ -33,6 +33,7 @@ import hashlib
 import json
 import os
 import struct
+from itertools import chain
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
@@ -438,20 +439,15 @@ class ExampleShardWriter(ShardWriter):
 
     def abort(self) -> None:
         """Close without finishing: delete the open temporary files and every finished shard."""
-        for f in [self._f, *self._side.values()]:
-            if f is not None:
-                try:
-                    f.close()
-                except OSError:
-                    pass
-        self._f, self._side, self._closed = None, {}, True
-        index = len(self.records)
-        for tmp in (self._path(index), self.side_path(index, "mask"), self.side_path(index, "idx")):
+        for f in self._side.values():
+            f.close()
+        index, side = len(self.records), [(r["mask"]["file"], r["index"]["file"]) for r in self.records]
+        self._side = {}
+        super().abort()
+        for tmp in (self.side_path(index, "mask"), self.side_path(index, "idx")):
             tmp.with_suffix(".bin.tmp").unlink(missing_ok=True)
-        for r in self.records:
-            for name in (r["file"], r["mask"]["file"], r["index"]["file"]):
-                (self.out_dir / name).unlink(missing_ok=True)
-        self.records = []
+        for name in chain.from_iterable(side):
+            (self.out_dir / name).unlink(missing_ok=True)
 
 
 class ExampleShards:
