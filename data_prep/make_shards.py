@@ -33,6 +33,9 @@ and merge refuses tasks made from another input than the current one. A task tha
 input, full disk, no permission) removes its shards and temporary files before the one-line
 error, and a task being redone removes DIR/manifest.json first: no file is left claiming a
 dataset that is not there.
+
+The task machinery (task_from_env, doc_route, finished_task, run_task, check_tasks) is shared
+with data_prep.make_sft, which writes SFT and preference-pair shards the same way.
 """
 from __future__ import annotations
 

@@ -9,7 +9,8 @@ A source is a local file, a glob, or a Hugging Face Hub dataset name:
     HuggingFaceFW/fineweb-edu      # anything else: datasets.load_dataset(name, hub_config, streaming=True)
 
 `reader="datasets"` sends local files through `datasets.load_dataset(..., streaming=True)` too
-(the Hub code path, testable offline on local files of the same schema).
+(the Hub code path, testable offline on local files of the same schema). `RowStream` yields
+whole records instead of one text field, for the chat data prep (data_prep/make_sft.py).
 
 Everything streams: memory is one document plus small counters, whatever the input size.
 Content problems are skipped and counted (`Counter` of reason -> count): "empty",

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from data_prep import make_sft as ms
 from data_prep.make_sft import main, make_sft, merge
 from data_prep.sources import DataPrepError
 from gpt.chat import ChatTemplate
@@ -323,3 +324,28 @@ def test_hub_name_streams_through_datasets(tmp_path, tok_path, chat, monkeypatch
     p = chat.render_prompt([U("q0")])
     assert _examples(tmp_path / "o", kind="pairs")[0][0] == p + chat.render_reply("yes") + chat.render_reply("no")
     assert m["formats"] == {"org/ultrafeedback": "ultrafeedback"}
+
+
+@pytest.mark.parametrize("func", [ms.make_sft, ms.merge])
+def test_every_flag_has_help_text(func):
+    import inspect
+
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser()
+    parser.add_function_arguments(func)
+    helps = {a.dest: a.help for a in parser._actions}
+    for name in inspect.signature(func).parameters:
+        assert helps.get(name) and len(helps[name]) > 10, f"--{name} has no help text"
+
+
+def test_merge_refuses_the_other_job(tmp_path, tok_path, capsys):
+    from data_prep import make_shards
+
+    src = _jsonl(tmp_path / "in.jsonl", [{"messages": [U("q"), A("r")]}])
+    make_sft(str(src), str(tok_path), str(tmp_path / "o"), val_fraction=0.0, progress=False)
+    with pytest.raises(DataPrepError, match="written by data_prep.make_sft: merge them with python -m data_prep.make_sft merge"):
+        make_shards.merge(str(tmp_path / "o"))
+    capsys.readouterr()
+    assert _cli_error(capsys, ["merge", "--out", str(tmp_path / "none")]) == \
+        f"error: {tmp_path / 'none'}: no finished tasks (tasks/task_*.json) to merge"
