@@ -154,8 +154,9 @@ class PairDataModule(StepDataModule):
         self.hparams["manifest_sha256"] = hashlib.sha256(manifest.read_bytes()).hexdigest() if manifest.is_file() else None
 
     def _open(self) -> None:
-        tok = Tokenizer.from_file(self.tokenizer_path) if self.tokenizer_path else None
+        tok = self.tokenizer = Tokenizer.from_file(self.tokenizer_path) if self.tokenizer_path else None
         train = open_examples(self.data_dir, "train", "pairs", tok)
+        self.manifest = train.manifest
         val = open_examples(self.data_dir, "val", "pairs", tok)
         longest = max((_longest_sequence(ex) for ex in (train, val)), default=0)
         if longest > self.block_size:

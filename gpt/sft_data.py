@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import json
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -231,6 +232,8 @@ class StepDataModule(L.LightningDataModule):
         self.train: Optional[Dataset] = None
         self.val: Optional[Dataset] = None
         self.collate: Optional[Callable] = None
+        self.tokenizer: Optional[Tokenizer] = None  # set by _open, with the train split's manifest
+        self.manifest: dict[str, Any] = {}
         self._restored: Optional[dict[str, Any]] = None
 
     def _open(self) -> None:
@@ -280,6 +283,21 @@ class StepDataModule(L.LightningDataModule):
         """What must not change across a resume (besides the global batch)."""
         return {"seed": self.seed}
 
+    # ---- the run shape hooks of recipes/cli.py --------------------------------------------
+    def check_run(self, trainer: L.Trainer) -> None:
+        """Before anything is written: the data opens, matches the tokenizer and serves the run."""
+        self.trainer = trainer
+        if self.train is None:
+            self._open()
+        self.check_budget()
+
+    def run_identity(self) -> dict[str, Any]:
+        """What a resume must share with its checkpoint: data, tokenizer and this module's settings."""
+        if self.train is None:
+            self._open()
+        return {"tokenizer_sha256": self.tokenizer.content_hash if self.tokenizer else None,
+                "shards_sha256": data_sha256(self.manifest), **{f"data.{k}": v for k, v in self.identity().items()}}
+
     def state_dict(self) -> dict[str, Any]:
         return {"global_batch_size": self.global_batch_size, **self.identity()}
 
@@ -290,6 +308,14 @@ class StepDataModule(L.LightningDataModule):
             said = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items())
             raise ValueError(f"the checkpoint's data settings differ from this run's ({said}); resume would "
                              "change the data")
+
+
+def data_sha256(manifest: dict[str, Any]) -> str:
+    """A hash of the examples a manifest lists: every token, mask and index file's sha256."""
+    content = {s: [[r["file"], r["tokens"], r["sha256"], r.get("mask", {}).get("sha256"),
+                    r.get("index", {}).get("sha256")] for r in split["shards"]]
+               for s, split in sorted(manifest.get("splits", {}).items())}
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
 
 def open_examples(data_dir: str, split: str, kind: str, tokenizer: Optional[Tokenizer]) -> ExampleShards:
@@ -343,8 +369,9 @@ class SFTDataModule(StepDataModule):
         self.hparams["manifest_sha256"] = hashlib.sha256(manifest.read_bytes()).hexdigest() if manifest.is_file() else None
 
     def _open(self) -> None:
-        tok = Tokenizer.from_file(self.tokenizer_path) if self.tokenizer_path else None
+        tok = self.tokenizer = Tokenizer.from_file(self.tokenizer_path) if self.tokenizer_path else None
         train = open_examples(self.data_dir, "train", "sft", tok)
+        self.manifest = train.manifest
         val = open_examples(self.data_dir, "val", "sft", tok)
         longest = int(max(train.lengths.max(initial=0), val.lengths.max(initial=0)))
         if longest > self.block_size + 1:

@@ -266,3 +266,17 @@ def test_datamodule_refuses_short_block_and_pretraining_dirs(sft_dir, tmp_path, 
     (sft_dir / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ShardError, match="another chat template"):
         SFTDataModule(str(sft_dir), block_size=128)._open()
+
+
+def test_run_identity_and_check_run(sft_dir, tok, rendered, tmp_path):
+    from types import SimpleNamespace
+
+    ident = SFTDataModule(str(sft_dir), block_size=128, seed=3).run_identity()
+    assert ident["data.seed"] == 3 and ident["data.packing"] is True and ident["data.block_size"] == 128
+    assert SFTDataModule(str(sft_dir), block_size=128, seed=3).run_identity() == ident
+    other = write_examples(tmp_path / "other", "sft", {"train": rendered[:31], "val": []}, tok)
+    assert SFTDataModule(str(other), block_size=128, seed=3).run_identity()["shards_sha256"] != ident["shards_sha256"]
+    dm = SFTDataModule(str(sft_dir), block_size=128, micro_batch_size=4, allow_repeat=False)
+    with pytest.raises(ValueError, match=r"^the run reads 4,000 samples \(max_steps 1000 x global batch 4\) but the "
+                                         r"train split has \d+; lower max_steps or set data.allow_repeat=true$"):
+        dm.check_run(SimpleNamespace(max_steps=1000, accumulate_grad_batches=1, world_size=1))
