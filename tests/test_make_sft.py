@@ -269,6 +269,14 @@ def test_rerun_skips_done_task(tmp_path, tok_path, capsys):
     (tmp_path / "o" / first["splits"]["train"]["shards"][1]["mask"]["file"]).unlink()  # a side file went missing
     assert make_sft(str(src), str(tok_path), str(tmp_path / "o"), **kw) == first
     assert "already done" not in capsys.readouterr().err
+    vsrc = _jsonl(tmp_path / "val.jsonl", [{"messages": [U("held"), A("out")]}])
+    kw["val_fraction"] = None
+    make_sft(str(src), str(tok_path), str(tmp_path / "v"), val_source=str(vsrc), **kw)
+    _jsonl(vsrc, [{"messages": [U("held"), A("out, changed")]}])  # the held-out file changed: the task is redone
+    capsys.readouterr()
+    m = make_sft(str(src), str(tok_path), str(tmp_path / "v"), val_source=str(vsrc), **kw)
+    assert "input changed since the last run" in capsys.readouterr().err
+    assert m["splits"]["val"]["supervised_tokens"] == len(ChatTemplate(shakespeare_tokenizer()).render_reply("out, changed"))
 
 
 @pytest.mark.slow
