@@ -1,6 +1,6 @@
 """SFT packing benchmark: packed vs padded training throughput on the demo task, tiny-cpu model shape.
 
-    python -m benchmarks.sft_packing_bench              # a few minutes on 2 cores; writes "sft_packing" in BENCHMARKS.md
+    python -m benchmarks.sft_packing_bench              # ~10 min on 2 idle cores; writes "sft_packing" in BENCHMARKS.md
     python -m benchmarks.sft_packing_bench --steps 5 --no-write   # a quick check of the script
 
 Data: the demo task (data_prep.make_demo_task, 4000 train conversations, seed 0) rendered by
@@ -11,7 +11,8 @@ fp32, AdamW, torch on 2 threads, from the same initial weights in every row.
 
 Each row runs `steps` optimizer steps (after 3 untimed ones) of forward, backward and AdamW on
 batches from gpt.sft_data (SFTRows + SFTCollator: the datasets and collator SFTDataModule serves,
-in its sample order), batch building included in the time:
+in its sample order), batch building included in the time. The rows take turns, 5 steps at a
+time, so that a shared machine whose load drifts slows them alike:
   packed      8 rows of up to 257 tokens, several conversations each, block-causal attn_mask
   padded      8 conversations, right-padded to the longest of the micro-batch, plain causal kernel
   padded, xM  as many conversations per step as a packed step holds on average (same work per step)
@@ -56,64 +57,93 @@ def prepare(work: Path, train_rows: int) -> Path:
     return work / "sft"
 
 
-def time_row(data: Path, packing: bool, micro_batch: int, steps: int, warmup: int = 3) -> dict[str, float]:
-    from gpt.config import GPTConfig
-    from gpt.model import GPT
-    from gpt.objectives import causal_lm_loss
-    from gpt.shards import ExampleShards
-    from gpt.sft_data import SFTCollator, SFTRows, pad_id_of
-    from gpt.tokenizer import Tokenizer
+class Row:
+    """One benchmark row: its own model (same initial weights), optimizer and sample stream."""
 
-    cfg = yaml.safe_load(CONFIG.read_text())["model"]
-    torch.manual_seed(0)
-    model = GPT(GPTConfig.from_preset(cfg["preset"], **cfg["model_config"]))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    examples = ExampleShards(data, "train", "sft", tokenizer=Tokenizer.from_file(TOKENIZER))
-    rows = SFTRows(examples, BLOCK, pack=packing, seed=0)
-    rows.set_global_batch(micro_batch)
-    collate = SFTCollator(pad_id_of(examples.manifest), attn_mask=packing)
-    counts = np.zeros(4)  # conversations, supervised tokens, real tokens, positions
-    t0 = 0.0
-    for step in range(warmup + steps):
-        if step == warmup:
-            t0 = time.perf_counter()
-        idx = range(step * micro_batch, (step + 1) * micro_batch)
-        batch = collate([rows[i] for i in idx])
+    def __init__(self, data: Path, packing: bool, micro_batch: int):
+        from gpt.config import GPTConfig
+        from gpt.model import GPT
+        from gpt.shards import ExampleShards
+        from gpt.sft_data import SFTCollator, SFTRows, pad_id_of
+        from gpt.tokenizer import Tokenizer
+
+        cfg = yaml.safe_load(CONFIG.read_text())["model"]
+        torch.manual_seed(0)
+        self.model = GPT(GPTConfig.from_preset(cfg["preset"], **cfg["model_config"]))
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
+        examples = ExampleShards(data, "train", "sft", tokenizer=Tokenizer.from_file(TOKENIZER))
+        self.rows = SFTRows(examples, BLOCK, pack=packing, seed=0)
+        self.rows.set_global_batch(micro_batch)
+        self.collate = SFTCollator(pad_id_of(examples.manifest), attn_mask=packing)
+        self.micro_batch, self.sample = micro_batch, 0
+        self.chunks: list[np.ndarray] = []  # per chunk: seconds, CPU seconds, steps, conversations,
+        # supervised tokens, real tokens, positions, and the supervised tokens the batches announced
+
+    def run(self, steps: int, timed: bool = True) -> None:
+        """`steps` optimizer steps, batch building included in the time; one chunk record."""
+        t0, c0, counts = time.perf_counter(), time.process_time(), np.zeros(5)
+        for _ in range(steps):
+            counts += self.step()
+        if timed:
+            self.chunks.append(np.array([time.perf_counter() - t0, time.process_time() - c0, steps, *counts]))
+
+    def step(self) -> np.ndarray:
+        from gpt.objectives import causal_lm_loss
+
+        idx = range(self.sample, self.sample + self.micro_batch)
+        self.sample += self.micro_batch
+        batch = self.collate([self.rows[i] for i in idx])
         kw = {k: batch[k] for k in ("position_ids", "attn_mask") if k in batch}
-        loss_sum, n = causal_lm_loss(model(batch["input_ids"], **kw), batch["labels"])
+        loss_sum, n = causal_lm_loss(self.model(batch["input_ids"], **kw), batch["labels"])
         (loss_sum / batch["num_targets_global"]).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if step >= warmup:
-            convs = sum(len(rows.plan.row(rows.row_of(i))) for i in idx)
-            counts += [convs, int(n), int((batch["segment_ids"] >= 0).sum()), batch["input_ids"].numel()]
-    dt = time.perf_counter() - t0
-    # the global counts the batches carry are what the loss saw
-    assert counts[1] == sum(rows.targets_of_sample(i) for i in range(warmup * micro_batch, (warmup + steps) * micro_batch))
-    return {"conv/s": counts[0] / dt, "sup/s": counts[1] / dt, "tok/s": counts[2] / dt,
-            "pad": 1 - counts[2] / counts[3], "ms/step": 1000 * dt / steps, "convs/step": counts[0] / steps,
-            "fill": rows.plan.fill}
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        convs = sum(len(self.rows.plan.row(self.rows.row_of(i))) for i in idx)
+        return np.array([convs, int(n), int((batch["segment_ids"] >= 0).sum()), batch["input_ids"].numel(),
+                         int(batch["num_targets_global"])])
+
+    def result(self) -> dict[str, float]:
+        """Median over chunks of each rate: robust to the load spikes of a shared machine."""
+        c = np.stack(self.chunks)
+        assert (c[:, 4] == c[:, 7]).all()  # the global counts the batches carry are what the loss saw
+        med = lambda x: float(np.median(x))  # noqa: E731
+        return {"conv/s": med(c[:, 3] / c[:, 0]), "sup/s": med(c[:, 4] / c[:, 0]), "tok/s": med(c[:, 5] / c[:, 0]),
+                "pad": 1 - c[:, 5].sum() / c[:, 6].sum(), "ms/step": 1000 * med(c[:, 0] / c[:, 2]),
+                "cpu ms/step": 1000 * med(c[:, 1] / c[:, 2]), "convs/step": c[:, 3].sum() / c[:, 2].sum(),
+                "sup/cpu-s": med(c[:, 4] / c[:, 1]),
+                "fill": self.rows.plan.fill}
 
 
-def run(steps: int, train_rows: int) -> str:
+def run(steps: int, train_rows: int, warmup: int = 3, chunk: int = 5) -> str:
+    """The rows take turns, `chunk` steps at a time, so a machine whose load drifts slows them alike."""
     torch.set_num_threads(2)
     with tempfile.TemporaryDirectory() as tmp:
         data = prepare(Path(tmp), train_rows)
-        packed = time_row(data, True, 8, steps)
-        per_step = max(8, round(packed["convs/step"]))
-        rows = [("packed, 8 rows", packed), ("padded, 8 conversations", time_row(data, False, 8, steps)),
-                (f"padded, {per_step} conversations", time_row(data, False, per_step, steps))]
+        packed = Row(data, True, 8)
+        per_step = max(8, round(8 * len(packed.rows.examples) / len(packed.rows)))  # conversations in 8 packed rows
+        rows = {"packed, 8 rows": packed, "padded, 8 conversations": Row(data, False, 8),
+                f"padded, {per_step} conversations": Row(data, False, per_step)}
+        for row in rows.values():
+            row.run(warmup, timed=False)
+        for _ in range(0, steps, chunk):
+            for row in rows.values():
+                row.run(chunk)
+        res = {name: row.result() for name, row in rows.items()}
     table = markdown_table(
-        ["batch per step", "conversations/s", "supervised tok/s", "real tok/s", "padding share", "ms/step"],
+        ["batch per step", "conversations/s", "supervised tok/s", "real tok/s", "padding share", "ms/step",
+         "CPU ms/step"],
         [(name, f"{r['conv/s']:.0f}", f"{r['sup/s']:.0f}", f"{r['tok/s']:.0f}", f"{100 * r['pad']:.1f}%",
-          f"{r['ms/step']:.0f}") for name, r in rows])
-    base = rows[1][1]
+          f"{r['ms/step']:.0f}", f"{r['cpu ms/step']:.0f}") for name, r in res.items()])
+    p, same_rows, same_convs = res.values()
+    ratio = lambda key, other: p[key] / other[key]  # noqa: E731
     return ("## SFT packing\n\n" + environment() +
-            f"\nDemo task ({train_rows} train conversations, mean {packed['convs/step'] / 8:.1f} per packed row, rows "
-            f"{100 * packed['fill']:.1f}% full), tiny-cpu shape, fp32, 2 threads, {steps} timed steps per row; "
-            "`python -m benchmarks.sft_packing_bench`.\n\n" + table +
-            f"\nPacked vs padded at the same 8 rows: {packed['sup/s'] / base['sup/s']:.2f}x supervised tokens/s; "
-            f"vs padded at the same conversations per step: {packed['sup/s'] / rows[2][1]['sup/s']:.2f}x.\n")
+            f"\nDemo task ({train_rows} train conversations, mean {p['convs/step'] / 8:.1f} per packed row, rows "
+            f"{100 * p['fill']:.1f}% full), tiny-cpu shape, fp32, 2 threads, {steps} timed steps per row. The rows "
+            "take turns, 5 steps at a time; rates are the median over those chunks, CPU ms/step counts both "
+            "threads. `python -m benchmarks.sft_packing_bench`\n\n" + table +
+            f"\nSupervised tokens/s, packed vs padded at the same 8 rows: {ratio('sup/s', same_rows):.2f}x "
+            f"(per CPU second: {ratio('sup/cpu-s', same_rows):.2f}x); vs padded at the same conversations per step: "
+            f"{ratio('sup/s', same_convs):.2f}x (per CPU second: {ratio('sup/cpu-s', same_convs):.2f}x).\n")
 
 
 def main() -> None:
