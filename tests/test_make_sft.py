@@ -357,3 +357,22 @@ def test_merge_refuses_the_other_job(tmp_path, tok_path, capsys):
     capsys.readouterr()
     assert _cli_error(capsys, ["merge", "--out", str(tmp_path / "none")]) == \
         f"error: {tmp_path / 'none'}: no finished tasks (tasks/task_*.json) to merge"
+
+
+def test_slurm_sbatch_runs_make_sft(tmp_path):
+    """DATA_PREP_JOB picks the job of slurm/data_prep.sbatch; PYTHON is a stand-in printing its arguments."""
+    fake = tmp_path / "python"
+    fake.write_text('#!/usr/bin/env bash\necho "$@"\n')
+    fake.chmod(0o755)
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}, "GPT_REPO": str(ROOT),
+           "PYTHON": str(fake), "SLURM_CPUS_PER_TASK": "8", "SLURM_JOB_ID": "1", "DATA_PREP_JOB": "data_prep.make_sft"}
+    sbatch = str(ROOT / "slurm" / "data_prep.sbatch")
+    run = subprocess.run(["bash", sbatch, "shard", "--out", "d", "--kind", "pairs"], capture_output=True, text=True,
+                         env=env, check=True)
+    assert run.stdout.splitlines()[-1] == "-m data_prep.make_sft --out d --kind pairs --num_proc 8"
+    run = subprocess.run(["bash", sbatch, "merge", "--out", "d"], capture_output=True, text=True, env=env, check=True)
+    assert run.stdout.splitlines()[-1] == "-m data_prep.make_sft merge --out d"
+    run = subprocess.run(["bash", sbatch, "merge", "--out", "d"], capture_output=True, text=True,
+                         env={**env, "DATA_PREP_JOB": "os"})
+    assert run.returncode == 2 and run.stderr.strip() == \
+        "error: DATA_PREP_JOB must be data_prep.make_shards or data_prep.make_sft, got 'os'"
