@@ -27,7 +27,9 @@ implementation, data_prep/make_shards.py): each task keeps the examples whose ha
 converted conversation or pair) falls in its slice, drops exact duplicates within a split
 (counted), renders them in `num_proc` workers and writes them in input order; a task's marker
 is written last, so a job killed at any point finishes on the next run, byte-identical.
-`python -m data_prep.make_sft merge --out DIR` writes the manifest after an array.
+`python -m data_prep.make_sft merge --out DIR` writes the manifest after an array; on Slurm,
+`DATA_PREP_JOB=data_prep.make_sft slurm/data_prep.sh --tasks 16 -- --source ... --out DIR` submits
+both (the array and the merge after it).
 
 Bad rows: one `error: FILE:LINE: field ...: why` line, or, with `--max_bad_rows N`, up to N
 skipped and counted by reason (unknown_role, empty_assistant, no_final_assistant, wrong_type,
