@@ -14,6 +14,8 @@ GPT-2 head) is refused with a ValueError rather than exported approximately.
 
 Reading needs only `safetensors` and `json`: transformers is not imported, no remote code is
 run, and pickled `pytorch_model.bin` files are refused (convert them to safetensors first).
+As in transformers, every tensor must have the shape config.json implies (and be floating
+point): a wrong-sized embedding is refused in one line naming it, never cropped or zero-filled.
 """
 from __future__ import annotations
 
