@@ -163,10 +163,12 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
 def check_vocab(tokenizer: Any, config: GPTConfig, what: str) -> None:
     """Refuse a tokenizer whose text ids reach past the model's vocabulary (one line).
 
-    Counted are the ids encode() gives for plain text plus end-of-text; the chat/pad specials
-    gpt.tokenizer appends to a GPT-2 vocabulary (ids 50257+) are not, so GPT-2 itself passes.
+    Counted are the ids encode() gives for plain text (the highest id of the BPE vocabulary + 1)
+    and end-of-text; the chat/pad specials gpt.tokenizer appends to a GPT-2 vocabulary (ids
+    50257+) are not, so GPT-2 itself passes.
     """
-    text_ids = max(tokenizer.backend.get_vocab_size(with_added_tokens=False), tokenizer.eot_id + 1)
+    base = tokenizer.backend.get_vocab(with_added_tokens=False)
+    text_ids = max(max(base.values(), default=-1) + 1, tokenizer.eot_id + 1)
     if text_ids > config.vocab_size:
         raise CheckpointError(f"{what} has {text_ids} token ids but the model's vocabulary has {config.vocab_size}: "
                               "they do not belong together")
