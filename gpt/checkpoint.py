@@ -163,12 +163,13 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
 def check_vocab(tokenizer: Any, config: GPTConfig, what: str) -> None:
     """Refuse a tokenizer whose text ids reach past the model's vocabulary (one line).
 
-    Counted are the ids encode() gives for plain text (the highest id of the BPE vocabulary + 1)
-    and end-of-text; the chat/pad specials gpt.tokenizer appends to a GPT-2 vocabulary (ids
-    50257+) are not, so GPT-2 itself passes.
+    Counted is the highest id plain text can encode to (any id but a special token's) + 1, and at
+    least end-of-text + 1: the chat/pad specials gpt.tokenizer appends to a GPT-2 vocabulary
+    (ids 50257+) do not count, so GPT-2 itself passes.
     """
-    base = tokenizer.backend.get_vocab(with_added_tokens=False)
-    text_ids = max(max(base.values(), default=-1) + 1, tokenizer.eot_id + 1)
+    special = set(tokenizer.special_ids.values())
+    ids = tokenizer.backend.get_vocab(with_added_tokens=True).values()
+    text_ids = max([i + 1 for i in ids if i not in special] + [tokenizer.eot_id + 1])
     if text_ids > config.vocab_size:
         raise CheckpointError(f"{what} has {text_ids} token ids but the model's vocabulary has {config.vocab_size}: "
                               "they do not belong together")
