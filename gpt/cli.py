@@ -168,7 +168,7 @@ def eval_(checkpoint: str, data: str, split: str = "val", block_size: Optional[i
         wandb_group: the W&B group (the experiment) of that run.
         wandb_dir: where W&B writes its files (default ./wandb).
     """
-    from gpt.evaluate import check_options, evaluate, log_wandb, open_split, summary_line, write_json
+    from gpt.lm_eval import check_options, evaluate, log_wandb, open_split, summary_line, write_json
 
     check_options(block_size, windows, batch_size)
     shards = open_split(data, split)  # a bad shard directory fails before a model is loaded

@@ -1,7 +1,7 @@
-"""gpt/evaluate.py and `gpt eval`: the val/loss and val/bpb training logs, for any checkpoint kind.
+"""gpt/lm_eval.py and `gpt eval`: the val/loss and val/bpb training logs, for any checkpoint kind.
 
-    pytest tests/test_evaluate.py            # in-process Lightning validation vs `gpt eval`
-    pytest tests/test_evaluate.py -m slow    # a real recipe run's logged val/loss vs `gpt eval`
+    pytest tests/test_lm_eval.py            # in-process Lightning validation vs `gpt eval`
+    pytest tests/test_lm_eval.py -m slow    # a real recipe run's logged val/loss vs `gpt eval`
 """
 import json
 import os
@@ -15,7 +15,7 @@ import torch
 from gpt.checkpoint import load_model
 from gpt.cli import main
 from gpt.data import PretrainDataModule
-from gpt.evaluate import summary_line
+from gpt.lm_eval import summary_line
 from gpt.lm import CausalLMModule
 from tests.pretrain_fixtures import ROOT, read_csv_metrics, read_wandb_history, run_recipe, write_config, write_text_shards
 from tests.test_cli import _tokenizer

@@ -1,7 +1,7 @@
 """Held-out loss and bits per byte of a model on a shard split: the engine of `gpt eval`.
 
     from gpt.checkpoint import load_model
-    from gpt.evaluate import evaluate, open_split
+    from gpt.lm_eval import evaluate, open_split
     model, tok = load_model("runs/x/checkpoints/last.ckpt")
     result = evaluate(model, open_split("runs/demo/shards", "val"), tokenizer=tok, windows=64)
     result["loss"], result["bpb"], result["tokens"], result["bytes"]
