@@ -35,7 +35,7 @@ from gpt.model import GPT
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 # Everything export_hf writes: a directory holding only these may be replaced by a new export.
-EXPORT_FILES = {"config.json", WEIGHTS, "tokenizer.json", "tokenizer_config.json"}
+EXPORT_FILES = {"config.json", WEIGHTS, "tokenizer.json", "tokenizer_config.json", "generation_config.json"}
 # Non-weight buffers some HF versions saved (GPT-2's causal mask, Llama's RoPE frequencies).
 IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
 GELU_TANH = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")  # all the tanh approximation
@@ -45,8 +45,9 @@ GELU_TANH = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")  # all the tanh appro
 def export_hf(model: GPT, out_dir: str | os.PathLike, tokenizer: Any = None) -> Path:
     """Write `out_dir` as a Hugging Face checkpoint that `from_pretrained` loads.
 
-    tokenizer: a gpt.tokenizer.Tokenizer (anything with .save, .eot_id, .pad_id, .vocab_size);
-    its tokenizer.json is written alongside and its eot/pad ids go into config.json.
+    tokenizer: a gpt.tokenizer.Tokenizer; its tokenizer.json is written alongside, its eot/pad
+    ids go into config.json, and the chat template (gpt.chat) into tokenizer_config.json and
+    generation_config.json.
     The directory is written under a temporary name and renamed (gpt.checkpoint.atomic_dir), so
     a crash never leaves a half export; an existing directory is replaced only if it holds
     nothing but export files. Files and directory get the modes the umask gives.
@@ -62,7 +63,12 @@ def export_hf(model: GPT, out_dir: str | os.PathLike, tokenizer: Any = None) -> 
         _write_json(tmp / "config.json", hf_config)
         if tokenizer is not None:
             tokenizer.save(tmp / "tokenizer.json")
-            _write_json(tmp / "tokenizer_config.json", _tokenizer_config(tmp / "tokenizer.json", tokenizer, cfg))
+            from gpt.chat import hf_chat_files  # the one chat template, as Jinja, and its stop tokens
+
+            chat = hf_chat_files(tokenizer)
+            _write_json(tmp / "tokenizer_config.json",
+                        {**_tokenizer_config(tmp / "tokenizer.json", tokenizer, cfg), **chat["tokenizer_config.json"]})
+            _write_json(tmp / "generation_config.json", chat["generation_config.json"])
     return Path(out_dir).resolve()
 
 

@@ -169,7 +169,7 @@ def test_export_with_tokenizer(tmp_path):
     hf_tok = transformers.AutoTokenizer.from_pretrained(d)
     text = "hello brown world<|endoftext|>"
     assert hf_tok(text)["input_ids"] == tok.encode(text, allow_special=True)
-    assert (hf_tok.eos_token_id, hf_tok.pad_token_id) == (tok.eot_id, tok.pad_id)
+    assert (hf_tok.bos_token_id, hf_tok.eos_token_id, hf_tok.pad_token_id) == (tok.eot_id, end, tok.pad_id)
 
 
 def one_line_error(exc_type, fn, *args, match: str):
