@@ -97,7 +97,11 @@ def export(checkpoint: str, out: str, format: Literal["hf", "native"] = "hf",
     print(path)
 
 
-COMMANDS: list[Callable[..., None]] = [sample, export]
+from gpt.attention import attention  # noqa: E402  (subcommands defined in their own modules)
+from gpt.plan import plan  # noqa: E402
+from gpt.plots import plot  # noqa: E402
+
+COMMANDS: list[Callable[..., None]] = [sample, export, plan, attention, plot]
 
 
 def _underscore_options(argv: list[str]) -> list[str]:
@@ -115,10 +119,23 @@ def _underscore_options(argv: list[str]) -> list[str]:
     return out
 
 
+def _bare_list(argv: list[str]) -> list[str]:
+    """`gpt plot A B --out D` -> `gpt plot --run_dirs ["A", "B"] --out D`: the words right after a
+    command whose function names a list parameter in its `positional` attribute become that list."""
+    import json
+
+    name = getattr({f.__name__: f for f in COMMANDS}.get(argv[0] if argv else ""), "positional", None)
+    bare = argv[1:]
+    end = next((i for i, a in enumerate(bare) if a.startswith("-")), len(bare))
+    if name is None or end == 0:
+        return argv
+    return [argv[0], f"--{name}", json.dumps(bare[:end]), *bare[end:]]
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     from jsonargparse import CLI
 
-    argv = _underscore_options(sys.argv[1:] if argv is None else list(argv))
+    argv = _bare_list(_underscore_options(sys.argv[1:] if argv is None else list(argv)))
     try:
         CLI(COMMANDS, args=argv, as_positional=False, prog="gpt")
     except (CheckpointError, ValueError, OSError, KeyError, RuntimeError) as e:
