@@ -119,23 +119,34 @@ def _underscore_options(argv: list[str]) -> list[str]:
     return out
 
 
-def _bare_list(argv: list[str]) -> list[str]:
-    """`gpt plot A B --out D` -> `gpt plot --run_dirs ["A", "B"] --out D`: the words right after a
-    command whose function names a list parameter in its `positional` attribute become that list."""
+def _shorthands(argv: list[str]) -> list[str]:
+    """Two conveniences jsonargparse lacks: a bare boolean option means true (`gpt plan --json`), and
+    the words right after a command whose function names a list parameter in its `positional`
+    attribute become that list (`gpt plot A B --out D` -> `--run_dirs ["A", "B"] --out D`)."""
     import json
+    import typing
 
-    name = getattr({f.__name__: f for f in COMMANDS}.get(argv[0] if argv else ""), "positional", None)
-    bare = argv[1:]
+    command = {f.__name__: f for f in COMMANDS}.get(argv[0] if argv else "")
+    if command is None:
+        return argv
+    hints = typing.get_type_hints(command)
+    flags = {n for n, t in hints.items() if t is bool or t == Optional[bool]}
+    out = [argv[0]]
+    for i, arg in enumerate(argv[1:], start=1):
+        out.append(arg)
+        if arg[2:] in flags and arg.startswith("--") and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
+            out.append("true")
+    name, bare = getattr(command, "positional", None), out[1:]
     end = next((i for i, a in enumerate(bare) if a.startswith("-")), len(bare))
     if name is None or end == 0:
-        return argv
-    return [argv[0], f"--{name}", json.dumps(bare[:end]), *bare[end:]]
+        return out
+    return [out[0], f"--{name}", json.dumps(bare[:end]), *bare[end:]]
 
 
 def main(argv: Optional[list[str]] = None) -> None:
     from jsonargparse import CLI
 
-    argv = _bare_list(_underscore_options(sys.argv[1:] if argv is None else list(argv)))
+    argv = _shorthands(_underscore_options(sys.argv[1:] if argv is None else list(argv)))
     try:
         CLI(COMMANDS, args=argv, as_positional=False, prog="gpt")
     except (CheckpointError, ValueError, OSError, KeyError, RuntimeError) as e:

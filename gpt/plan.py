@@ -361,6 +361,8 @@ def render(p: dict[str, Any]) -> str:
     extra = " incl. recompute x4/3" if t["recompute_factor"] > 1 else ""
     if p["stage"] == "rl":
         extra += " (policy + value fwd/bwd, reference + reward fwd; rollout generation not counted)"
+    if rec["offload"]:
+        extra += " (offload: the CPU optimizer step and PCIe traffic lower the MFU reached; assume less)"
     out.append(f"time for {p['tokens']:.3g} tokens at MFU {p['mfu']:.2f}{extra}: {t['tokens_per_s']:,.0f} tokens/s "
                f"-> {_duration(t['seconds'])}")
     return "\n".join(out)

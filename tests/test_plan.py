@@ -222,7 +222,7 @@ def test_cli_table_and_json():
     assert r.returncode == 0, r.stderr
     assert re.search(r"^\*\s+3\s+-\s", r.stdout, re.M), r.stdout
     assert "recipes/deepspeed/zero3.json" in r.stdout and "days" in r.stdout
-    r = _gpt("--preset", "gpt2-124m", "--gpus", "8", "--gpu", "a100-80g", "--json")
+    r = _gpt("--preset", "gpt2-124m", "--gpus", "8", "--gpu", "a100-80g", "--json")  # a bare flag means true
     assert r.returncode == 0, r.stderr
     p = json.loads(r.stdout)
     assert p["params"] == GPT(GPTConfig.from_preset("gpt2-124m")).num_params()
@@ -231,6 +231,7 @@ def test_cli_table_and_json():
 
 @pytest.mark.parametrize("args, message", [
     (["--gpu", "tpu"], "gpt: error: unknown --gpu 'tpu'; choose from h100"),
+    (["--zero", "0", "--offload"], "gpt: error: --offload needs DeepSpeed"),
     (["--zero", "0", "--offload", "true"], "gpt: error: --offload needs DeepSpeed"),
     (["--preset", "nope"], "gpt: error: unknown preset 'nope'"),
 ])
