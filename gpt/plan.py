@@ -1,7 +1,7 @@
 """`gpt plan`: memory per GPU and time to train a preset, before a GPU is rented.
 
     gpt plan --preset llama-7b --gpus 64 --gpu h100 --zero 3 --seq 4096 --tokens 1e12 --mfu 0.4
-    gpt plan --preset llama-1b --gpus 8 --gpu a100-40g --stage rl --json
+    gpt plan --preset llama-1b --gpus 8 --gpu a100-40g --stage rl --json     # SFT plans as pretrain
 
 Prints parameters, FLOPs per token (gpt.flops), per-GPU memory under ZeRO 0-3 with and without
 CPU offload (a row per stage; `*` marks the chosen one), the largest micro-batch that fits, the
@@ -25,13 +25,13 @@ from __future__ import annotations
 
 import json as _json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Literal, Optional
 
 import torch
 
 from gpt.config import GPTConfig
-from gpt.flops import GPU_PEAKS, flops_per_token
+from gpt.flops import GPU_PEAKS, flops_per_token, matmul_params
 
 GiB = 2**30
 USABLE = 0.9  # of the card's memory; the rest is context, communication buffers, fragmentation
@@ -162,7 +162,7 @@ def activation_bytes(cfg: GPTConfig, micro_batch: int, seq: int, precision: Prec
     head = (norm(d, r, True) + m * d + 4 * V) * tokens  # final norm, lm_head input, fp32 log-softmax
     # Under autocast every matmul weight is cast to bf16 once per forward and held until backward.
     copies_head = 2 * V * d if precision == "amp" else 0
-    copies_layer = 2 * (_matmul_weights(cfg) - V * d) / L if precision == "amp" else 0
+    copies_layer = 2 * (matmul_params(cfg) - V * d) / L if precision == "amp" else 0
     loss_transient = 8 * V * tokens  # backward of the loss: two fp32 (tokens, vocab) gradients at once
     # A block's backward holds the gradient of its widest activation beside the residual's.
     block_transient = (m * (2 * h if llama else h) + r * d) * tokens
@@ -175,12 +175,6 @@ def activation_bytes(cfg: GPTConfig, micro_batch: int, seq: int, precision: Prec
         saved = fixed + L * (layer * tokens + copies_layer)
         peak = saved + max(loss_transient, block_transient)
     return Activations(float(saved), float(peak))
-
-
-def _matmul_weights(cfg: GPTConfig) -> int:
-    from gpt.flops import matmul_params
-
-    return matmul_params(cfg)
 
 
 # ---- the plan -----------------------------------------------------------------------------

@@ -3,7 +3,6 @@ forward/backward; the recommendation, the time and the CLI."""
 import contextlib
 import io
 import json
-import math
 import os
 import re
 import subprocess
@@ -18,7 +17,7 @@ from gpt.config import GPTConfig
 from gpt.flops import flops_per_token
 from gpt.model import GPT
 from gpt.objectives import causal_lm_loss
-from gpt.plan import GiB, activation_bytes, make_plan, model_states, param_counts
+from gpt.plan import activation_bytes, make_plan, model_states, param_counts
 
 ROOT = Path(__file__).resolve().parents[1]
 # (gpus per node, nodes): one GPU, one node, several nodes, small nodes.
