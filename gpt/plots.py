@@ -43,7 +43,7 @@ PANELS: list[tuple[str, str, str, tuple[str, ...], bool]] = [
     ("length", "response length", "tokens", ("length", "response_length"), False),
 ]
 SPLITS = ("train/", "val/", "test/")
-# Bookkeeping columns (counters, per-sample and per-batch rates), not curves.
+# Bookkeeping columns (counters, per-sample and per-batch rates): read, but not drawn unless asked for.
 SKIP = {"step", "epoch", "train/tokens", "train/skipped_steps", "train/batches", "train/samples", "train/time",
         "train/lengths"}
 SKIP_PREFIXES = ("validate/", "train/device/batches_per_sec", "train/device/samples_per_sec",
@@ -77,7 +77,9 @@ def read_csv_rows(run_dir: str | os.PathLike) -> list[dict[str, float]]:
 
 
 def read_metrics(run_dir: str | os.PathLike) -> dict[str, Series]:
-    """{metric: {step: value}} merged over versions: a resumed run's rows overwrite the steps they repeat."""
+    """{metric: {step: value}} merged over versions: a resumed run's rows overwrite the steps they repeat.
+
+    Every logged column but `step` itself (bookkeeping such as train/tokens included)."""
     if not metric_files(run_dir):
         raise FileNotFoundError(f"{run_dir}: no csv/version_*/metrics.csv (was the run logged with CSVLogger?)")
     series: dict[str, Series] = {}
@@ -86,7 +88,7 @@ def read_metrics(run_dir: str | os.PathLike) -> dict[str, Series]:
             continue
         step = int(row["step"])
         for key, value in row.items():
-            if key not in SKIP and not key.startswith(SKIP_PREFIXES):
+            if key != "step":
                 series.setdefault(key, {})[step] = value
     return {k: dict(sorted(v.items())) for k, v in series.items()}
 
@@ -162,9 +164,10 @@ def figure(panel: str, runs: dict[str, dict[str, Series]], metrics: Sequence[str
 
 def figures(runs: dict[str, dict[str, Series]], metrics: Optional[Sequence[str]] = None) -> dict[str, Any]:
     """Panel file name -> matplotlib Figure, for the given metrics (default: every metric logged)."""
-    present = sorted({m for s in runs.values() for m, pts in s.items() if pts})
+    logged = sorted({m for s in runs.values() for m, pts in s.items() if pts})
+    present = [m for m in logged if m not in SKIP and not m.startswith(SKIP_PREFIXES)]
     if metrics:
-        missing = [m for m in metrics if m not in present]
+        missing = [m for m in metrics if m not in logged]
         if missing:
             raise ValueError(f"metric(s) not logged by any run: {', '.join(missing)}; logged: {', '.join(present)}")
         present = list(metrics)

@@ -42,7 +42,8 @@ def test_versions_merge_by_step_later_versions_win(tmp_path):
     assert s["val/bpb"] == {9: 2.0}
     assert s["lr-AdamW/pg1"] == {k: 1e-3 for k in range(10)}
     assert s["train/grad_norm"] == {k: 0.5 for k in range(5, 15)}
-    assert "epoch" not in s and "train/tokens" not in s and "step" not in s  # bookkeeping, not curves
+    assert s["train/tokens"] == {14: 1000} and "step" not in s
+    assert list(figures({"run": s})) == ["loss", "bpb", "lr", "grad_norm"]  # bookkeeping (epoch, tokens) not drawn
 
 
 def test_panels_group_by_name_without_the_split():
