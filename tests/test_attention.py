@@ -145,7 +145,7 @@ def _gpt(*args: str) -> subprocess.CompletedProcess:
                           cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=180)
 
 
-def test_cli_writes_a_png_per_layer_and_the_pattern_table(export_dir, tmp_path):
+def test_cli_writes_a_png_per_layer_and_the_pattern_table(export_dir, tmp_path, capsys):
     from PIL import Image
 
     r = _gpt("--checkpoint", str(export_dir), "--prompt", "to be or not to be, that is", "--out", str(tmp_path))
@@ -157,21 +157,30 @@ def test_cli_writes_a_png_per_layer_and_the_pattern_table(export_dir, tmp_path):
     table = [line.split() for line in r.stdout.splitlines() if line.split() and line.split()[0].isdigit()]
     assert [(t[0], t[1]) for t in table] == [(str(L), str(H)) for L in range(2) for H in range(4)]
     assert all(t[2] in ("previous", "self", "first", "delimiter", "same", "induction", "broad") for t in table)
-    r = _gpt("--checkpoint", str(export_dir), "--prompt", "to be or not", "--layer", "1", "--head", "2",
-             "--out", str(tmp_path / "one"))
-    assert r.returncode == 0, r.stderr
+    from gpt.cli import main
+
+    main(["attention", "--checkpoint", str(export_dir), "--prompt", "to be or not", "--layer", "1", "--head", "2",
+          "--out", str(tmp_path / "one")])
     assert [p.name for p in (tmp_path / "one").iterdir()] == ["layer01_head02.png"]
+    rows = [line.split()[:2] for line in capsys.readouterr().out.splitlines() if line.split()[0].isdigit()]
+    assert rows == [["1", "2"]]
 
 
 @pytest.mark.parametrize("args, message", [
     (["--layer", "2"], "gpt: error: --layer 2 is out of range: the model has 2 (layers 0..1)"),
     (["--head", "-1"], "gpt: error: --head -1 is out of range: the model has 4 (heads 0..3)"),
 ])
-def test_cli_errors_are_one_line(export_dir, tmp_path, args, message):
-    r = _gpt("--checkpoint", str(export_dir), "--prompt", "to be or not", "--out", str(tmp_path), *args)
-    assert r.returncode == 2 and r.stderr == message + "\n", r.stderr
+def test_cli_errors_are_one_line(export_dir, tmp_path, args, message, capsys):
+    from gpt.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["attention", "--checkpoint", str(export_dir), "--prompt", "to be or not", "--out", str(tmp_path), *args])
+    assert e.value.code == 2 and capsys.readouterr().err == message + "\n"
 
 
-def test_cli_refuses_a_one_token_prompt(export_dir, tmp_path):
-    r = _gpt("--checkpoint", str(export_dir), "--prompt", "to", "--out", str(tmp_path))
-    assert r.returncode == 2 and r.stderr.startswith("gpt: error: the prompt is 1 token(s)"), r.stderr
+def test_cli_refuses_a_one_token_prompt(export_dir, tmp_path, capsys):
+    from gpt.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["attention", "--checkpoint", str(export_dir), "--prompt", "to", "--out", str(tmp_path)])
+    assert e.value.code == 2 and capsys.readouterr().err.startswith("gpt: error: the prompt is 1 token(s)")

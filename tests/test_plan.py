@@ -215,15 +215,16 @@ def _gpt(*args: str) -> subprocess.CompletedProcess:
                           env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
 
 
-def test_cli_table_and_json():
+def test_cli_table_and_json(capsys):
+    from gpt.cli import main
+
     r = _gpt("--preset", "llama-7b", "--gpus", "64", "--gpu", "h100", "--zero", "3", "--seq", "4096",
              "--micro-batch", "1", "--tokens", "1e12", "--mfu", "0.4")
     assert r.returncode == 0, r.stderr
     assert re.search(r"^\*\s+3\s+-\s", r.stdout, re.M), r.stdout
     assert "recipes/deepspeed/zero3.json" in r.stdout and "days" in r.stdout
-    r = _gpt("--preset", "gpt2-124m", "--gpus", "8", "--gpu", "a100-80g", "--json")  # a bare flag means true
-    assert r.returncode == 0, r.stderr
-    p = json.loads(r.stdout)
+    main(["plan", "--preset", "gpt2-124m", "--gpus", "8", "--gpu", "a100-80g", "--json"])  # bare flag = true
+    p = json.loads(capsys.readouterr().out)
     assert p["params"] == GPT(GPTConfig.from_preset("gpt2-124m")).num_params()
     assert len(p["rows"]) == 7 and p["recommended"]["zero"] == 0
 
@@ -234,6 +235,10 @@ def test_cli_table_and_json():
     (["--zero", "0", "--offload", "true"], "gpt: error: --offload needs DeepSpeed"),
     (["--preset", "nope"], "gpt: error: unknown preset 'nope'"),
 ])
-def test_cli_errors_are_one_line(args, message):
-    r = _gpt(*args)
-    assert r.returncode == 2 and r.stderr.startswith(message) and len(r.stderr.strip().splitlines()) == 1, r.stderr
+def test_cli_errors_are_one_line(args, message, capsys):
+    from gpt.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["plan", *args])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith(message) and len(err.strip().splitlines()) == 1, err

@@ -105,14 +105,17 @@ def _gpt(*args: str) -> subprocess.CompletedProcess:
                           env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
 
 
-def test_cli(tmp_path):
+def test_cli(tmp_path, capsys):
+    from gpt.cli import main
+
     a, b = make_run(tmp_path / "a"), make_run(tmp_path / "b", scale=3.0)
     r = _gpt(str(a), str(b), "--out", str(tmp_path / "cmp"), "--metrics", "train/loss,val/bpb")
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == [str(tmp_path / "cmp" / "loss.png"), str(tmp_path / "cmp" / "bpb.png")]
-    r = _gpt(str(a))
-    assert r.returncode == 0 and (a / "plots" / "loss.png").is_file(), r.stderr
-    r = _gpt(str(a), str(b))
-    assert r.returncode == 2 and r.stderr == "gpt: error: several runs: say where the overlays go with --out DIR\n"
-    r = _gpt(str(tmp_path / "missing"))
-    assert r.returncode == 2 and r.stderr.startswith("gpt: error: ") and "no csv/version_" in r.stderr
+    main(["plot", str(a)])
+    assert capsys.readouterr().out.split()[0] == str(a / "plots" / "loss.png") and (a / "plots" / "loss.png").is_file()
+    for args, message in (([str(a), str(b)], "several runs: say where the overlays go with --out DIR"),
+                          ([str(tmp_path / "missing")], f"{tmp_path / 'missing'}: no csv/version_*/metrics.csv")):
+        with pytest.raises(SystemExit) as e:
+            main(["plot", *args])
+        assert e.value.code == 2 and capsys.readouterr().err.startswith(f"gpt: error: {message}")
