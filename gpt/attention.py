@@ -208,11 +208,14 @@ def attention(checkpoint: str, prompt: str, layer: Optional[int] = None, head: O
         device: cpu or cuda.
         tokenizer: a tokenizer.json overriding the checkpoint's.
     """
-    from gpt.checkpoint import CheckpointError, load_model, load_tokenizer
+    from gpt.checkpoint import CheckpointError, check_vocab, load_model, load_tokenizer
     from gpt.plots import save_figure
 
+    override = load_tokenizer(tokenizer) if tokenizer is not None else None
     model, tok = load_model(checkpoint, device=device)
-    tok = load_tokenizer(tokenizer) if tokenizer is not None else tok
+    if override is not None:  # ids past the model's vocabulary would index out of its embedding
+        check_vocab(override, model.config, f"--tokenizer {tokenizer}")
+        tok = override
     if tok is None:
         raise CheckpointError(f"{checkpoint}: holds no tokenizer; pass --tokenizer PATH")
     ids = tok.encode(prompt)

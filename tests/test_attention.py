@@ -184,3 +184,19 @@ def test_cli_refuses_a_one_token_prompt(export_dir, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["attention", "--checkpoint", str(export_dir), "--prompt", "to", "--out", str(tmp_path)])
     assert e.value.code == 2 and capsys.readouterr().err.startswith("gpt: error: the prompt is 1 token(s)")
+
+
+def test_cli_refuses_a_tokenizer_bigger_than_the_model(export_dir, tmp_path, capsys):
+    from gpt.cli import main
+
+    big = HFTokenizer(models.BPE())
+    big.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    big.train_from_iterator(["to be or not to be, that is the question. " * 5 + str(i) for i in range(200)], trainer)
+    Tokenizer(big).save(tmp_path / "big.json")
+    with pytest.raises(SystemExit) as e:
+        main(["attention", "--checkpoint", str(export_dir), "--prompt", "to be", "--out", str(tmp_path),
+              "--tokenizer", str(tmp_path / "big.json")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "token ids but the model's vocabulary has 300" in err, err
