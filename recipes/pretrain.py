@@ -92,4 +92,9 @@ def main(args: Optional[list[str]] = None, run: bool = True) -> PretrainCLI:
 
 
 if __name__ == "__main__":
-    main()
+    from gpt.checkpoint import CheckpointError
+
+    try:
+        main()
+    except CheckpointError as e:  # an unusable or unsafe checkpoint: one line, no traceback
+        raise SystemExit(f"error: {e}")
