@@ -9,12 +9,12 @@
     state_dict, meta = load_consolidated("runs/x/checkpoints/last.ckpt")   # ZeRO dir -> GPT weights
     GPT(GPTConfig.from_dict(meta["model_config"])).load_state_dict(state_dict)
 
-ZeroStrategy is Lightning's DeepSpeedStrategy unchanged on GPUs. Lightning refuses any other
-accelerator; when the accelerator is the CPU this subclass (1) skips that CUDA check and does the
-DDP environment set-up, (2) skips the check that device indices equal local ranks (CPU devices
-have no index) and (3) reports `cpu:0` as the root device, because DeepSpeed's engine compares
-the root device index with an int (DeepSpeed's CPU accelerator ignores the index). DeepSpeed
-then runs ZeRO 1/2/3 with the gloo backend.
+ZeroStrategy is Lightning's DeepSpeedStrategy, on GPUs unchanged but for checkpoints (below).
+Lightning refuses any other accelerator; when the accelerator is the CPU this subclass (1) skips
+that CUDA check and does the DDP environment set-up, (2) skips the check that device indices equal
+local ranks (CPU devices have no index) and (3) reports `cpu:0` as the root device, because
+DeepSpeed's engine compares the root device index with an int (DeepSpeed's CPU accelerator ignores
+the index). DeepSpeed then runs ZeRO 1/2/3 with the gloo backend.
 
 Gradient clipping: DeepSpeed defaults `gradient_clipping` to 1.0; the value written into the
 engine config is always the Trainer's `gradient_clip_val` (0.0 when unset), so the recipe YAML
@@ -202,7 +202,16 @@ class ZeroStrategy(DeepSpeedStrategy):
         if self.load_full_weights and self.zero_stage_3:
             return super().load_checkpoint(checkpoint_path, weights_only)  # one file, read by the CheckpointIO
         path = Path(checkpoint_path)
-        zc.verify(path)  # every rank: each refuses the same way, none waits in a collective for another
+        try:
+            zc.verify(path)
+            refusal = None
+        except CheckpointError as e:
+            refusal = str(e)
+        # Every rank checks (each reads what it will load); all refuse together, with the first reason,
+        # so none is left waiting in a collective for one that stopped.
+        refusals = [r for r in _all_gather_object(refusal) if r]
+        if refusals:
+            raise CheckpointError(refusals[0])
         with weights_only_scope(path):
             return super().load_checkpoint(path, weights_only)
 

@@ -97,4 +97,6 @@ if __name__ == "__main__":
     try:
         main()
     except CheckpointError as e:  # an unusable or unsafe checkpoint: one line, no traceback
-        raise SystemExit(f"error: {e}")
+        from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+        raise SystemExit(f"error: {e}" if rank_zero_only.rank == 0 else 1)  # every rank has the same line
