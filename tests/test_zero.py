@@ -52,8 +52,9 @@ def _config(tmp: Path, shards: Path, strategy: str, every: int = 5, kill: dict |
     callbacks = [{"class_path": "tests.zero_callbacks.SaveLiveLogits", "init_args": {"path": str(tmp / "logits.pt")}}]
     if kill:
         callbacks.append({"class_path": "tests.zero_callbacks.KillDuringSave", "init_args": kill})
+    # vocab 300: room for the 300-id tokenizer gpt sample borrows below (a larger one is refused).
     cfg_path = write_config(tmp / f"{strategy}.yaml", run_dir, shards, devices=2, max_steps=STEPS,
-                            every_n_train_steps=every, callbacks=callbacks)
+                            every_n_train_steps=every, callbacks=callbacks, vocab_size=300)
     cfg = yaml.safe_load(cfg_path.read_text())
     if strategy != "ddp":
         # "_sharded": the model is built inside deepspeed.zero.Init, then initialized shard-wise.
