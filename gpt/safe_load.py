@@ -33,7 +33,7 @@ from typing import Any, Callable, Generator, Optional
 
 import torch
 
-from gpt.checkpoint import CheckpointError
+from gpt.checkpoint import CheckpointError, one_line
 
 _FORCE = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
 _FORCE_NOT = "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"  # torch raises if both are set: cleared inside the scope
@@ -54,17 +54,6 @@ def deepspeed_safe_globals() -> tuple[Callable, ...]:
 
 def _qualname(g: Callable) -> str:
     return f"{g.__module__}.{g.__qualname__}"
-
-
-def _one_line(e: BaseException) -> str:
-    """The reason in a torch load error, without torch's advice to load with weights_only=False."""
-    msg = str(e)
-    if "WeightsUnpickler error:" in msg:  # keep only what the unpickler refused
-        msg = msg.split("WeightsUnpickler error:", 1)[1].strip()
-        msg = msg.split(" was not an allowed global", 1)[0].split(". Please", 1)[0]
-    lines = [ln.strip() for ln in msg.strip().splitlines() if ln.strip()]
-    line = lines[0] if lines else type(e).__name__
-    return "refused by the weights-only loader" if "weights_only" in line else line
 
 
 def check_zip(path: Path) -> None:
@@ -91,7 +80,7 @@ def check_globals(path: Path, allowed: tuple[Callable, ...] = ()) -> None:
     try:
         found = torch.serialization.get_unsafe_globals_in_checkpoint(path)
     except Exception as e:
-        raise CheckpointError(f"{path}: unreadable pickle ({_one_line(e)})") from None
+        raise CheckpointError(f"{path}: unreadable pickle ({one_line(e)})") from None
     bad = sorted(set(found) - {_qualname(g) for g in allowed})
     if bad:
         raise CheckpointError(f"{path}: refusing to load: its pickle imports {', '.join(bad[:3])}, which no "
@@ -114,8 +103,10 @@ def safe_load(path: str | os.PathLike, map_location: Any = "cpu", mmap: bool = T
             return torch.load(p, map_location=map_location, weights_only=True, mmap=mmap)
     except CheckpointError:
         raise
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, AttributeError) as e:
-        raise CheckpointError(f"{p}: not loadable as weights only ({_one_line(e)})") from None
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{p}: {one_line(e)}") from None  # says what was refused, never the unsafe advice
+    except (RuntimeError, EOFError, OSError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"{p}: not readable ({one_line(e)})") from None
 
 
 @contextmanager
@@ -131,7 +122,7 @@ def weights_only_scope(source: str | os.PathLike = "a checkpoint file",
         with torch.serialization.safe_globals(list(allowed)):
             yield
     except pickle.UnpicklingError as e:
-        raise CheckpointError(f"{source}: refused by the weights-only loader ({_one_line(e)})") from None
+        raise CheckpointError(f"{source}: {one_line(e)}") from None
     finally:
         for k, v in saved.items():
             if v is None:
