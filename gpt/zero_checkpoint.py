@@ -301,7 +301,8 @@ def _verify_legacy(path: Path, tag: str) -> ZeroCheckpoint:
     # DeepSpeed's file names (no public API lists them): *model_states.pt, *optim_states.pt.
     model = [p for p in shards if p.name.endswith("model_states.pt")]
     if not model or not any(p.name.endswith("optim_states.pt") for p in shards):
-        raise CheckpointError(f"{path / tag}: no model_states/optim_states shards: not a complete DeepSpeed checkpoint")
+        raise CheckpointError(f"{path}: {tag}/ lacks its model_states or optim_states shards: not a complete "
+                              "DeepSpeed checkpoint")
     for f in shards:
         check_zip(f)
         check_globals(f, deepspeed_safe_globals())
