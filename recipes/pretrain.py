@@ -92,4 +92,11 @@ def main(args: Optional[list[str]] = None, run: bool = True) -> PretrainCLI:
 
 
 if __name__ == "__main__":
-    main()
+    from gpt.checkpoint import CheckpointError
+
+    try:
+        main()
+    except CheckpointError as e:  # an unusable or unsafe checkpoint: one line, no traceback
+        from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+        raise SystemExit(f"error: {e}" if rank_zero_only.rank == 0 else 1)  # every rank has the same line
