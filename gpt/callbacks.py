@@ -69,8 +69,8 @@ class RunCheckpoint(ModelCheckpoint):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        if trainer.global_step == self._seen_step:
-            return  # mid gradient accumulation: no optimizer step finished
+        if trainer.global_step in (self._seen_step, self._saved_step):
+            return  # mid gradient accumulation (no optimizer step finished), or saved already (save_last_now)
         self._seen_step = trainer.global_step
         due = self.every_n_steps > 0 and trainer.global_step % self.every_n_steps == 0
         if (due or self._final(trainer)) and self._validates_now(trainer):
