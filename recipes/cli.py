@@ -115,7 +115,8 @@ class RecipeParser(LightningArgumentParser):
     def error(self, message: str, ex: Optional[Exception] = None) -> None:
         if not self.exit_on_error:
             return super().error(message, ex)  # jsonargparse probing a parse: let it raise
-        sys.stderr.write(f"error: {_clean_parser_message(message)} (--help lists every option)\n")
+        if rank_zero_only.rank == 0:  # under srun every rank parses the same arguments: one line, not N
+            sys.stderr.write(f"error: {_clean_parser_message(message)} (--help lists every option)\n")
         self.exit(2)
 
 
@@ -140,7 +141,7 @@ def check_slurm_tasks(devices: Any, num_nodes: int, accelerator: Any = "auto") -
     ntasks = int(os.environ.get("SLURM_NTASKS", "1"))
     want = _num_devices(devices, accelerator) * int(num_nodes or 1)
     if ntasks != want:
-        raise SystemExit(f"Slurm started {ntasks} tasks but the Trainer expects devices x num_nodes = {want}; "
+        raise SystemExit(f"error: Slurm started {ntasks} tasks but the Trainer expects devices x num_nodes = {want}; "
                          f"use --ntasks-per-node=<devices> with --nodes=<num_nodes> (a mismatch hangs at start-up)")
 
 
@@ -228,7 +229,7 @@ class GPTCLI(LightningCLI):
         kwargs.update(callbacks=list(yaml_callbacks) + ours, logger=False, default_root_dir=str(self.run_dir.path),
                       enable_progress_bar=bar, enable_checkpointing=fit, check_val_every_n_epoch=None,
                       val_check_interval=A * (cfg.val_every or 1))
-        if not cfg.val_every:
+        if fit and not cfg.val_every:
             kwargs["limit_val_batches"] = 0
         trainer = super().instantiate_trainer(**kwargs)
         if fit:
@@ -342,10 +343,9 @@ class GPTCLI(LightningCLI):
         cfg = self.config[self.subcommand]
         try:
             ckpt, notes = self._resolve_ckpt(cfg.ckpt_path)
-            if ckpt is not None:
-                saved, _ = checkpoint_identity(checkpoint_meta(ckpt))
-                shape = {k: v for k, v in getattr(self.model, "run_identity", dict)().items() if k.startswith("model.")}
-                differences = compare_identity(saved, shape)
+            if ckpt is not None:  # the shapes must fit (the data may be any)
+                differences = compare_identity(model_identity(peek_model_config(ckpt)),
+                                               getattr(self.model, "run_identity", dict)())
                 if differences:
                     raise RunError(f"cannot validate {ckpt} with this model: {'; '.join(differences)}")
         except USER_ERRORS as e:

@@ -183,8 +183,8 @@ def test_preempted_job_requeues_and_resumes_exactly(slurm_jobs: SlurmJobs, shard
     assert len({r["id"] for r in runs}) == 1 and {r["job_type"] for r in runs} == {"pretrain"}
     for r in runs:
         t = r["config"]["trainer"]
-        assert (t["precision"], t["devices"], t["num_nodes"], t["max_steps"], t["accumulate_grad_batches"],
-                t["gradient_clip_val"]) == ("32-true", 1, 2, MAX_STEPS, 1, 1.0)
+        assert (t["precision"], str(t["devices"]), t["num_nodes"], t["max_steps"], t["accumulate_grad_batches"],
+                t["gradient_clip_val"]) == ("32-true", "1", 2, MAX_STEPS, 1, 1.0)  # devices: as srun's flag gave it
         assert t["strategy"] == "ddp" and r["config"]["seed_everything"] == 1337
         assert r["config"]["run"]["world_size"] == 2 and len(r["config"]["run"]["identity"]["shards_sha256"]) == 64
     assert [r["config"]["run"]["resumed_at_step"] for r in runs] == [0, stopped]
