@@ -97,7 +97,7 @@ class RunCheckpoint(ModelCheckpoint):
 
     def save_last_now(self, trainer: L.Trainer) -> str:
         """Write last.ckpt for the current step (call on every rank); its path."""
-        trainer.save_checkpoint(self.last_path)
+        trainer.save_checkpoint(self.last_path, weights_only=False)
         self.last_model_path = self.last_path
         return self.last_path
 
