@@ -130,6 +130,19 @@ def test_resumed_schedule_follows_the_new_lr_and_length():
     assert new_opt.param_groups[0]["lr"] == pytest.approx(5e-3 * LRSchedule("cosine", 2, 20, 0.1)(5), rel=1e-12)
 
 
+def test_ckpt_path_last_finds_last_or_the_newest_periodic_checkpoint(tmp_path):
+    from gpt.checkpoint_io import find_resume_checkpoint
+    d = tmp_path / "checkpoints"
+    assert find_resume_checkpoint(d)[0] is None  # nothing yet: a fresh start
+    d.mkdir()
+    for name in ("step=8.ckpt", "step=12.ckpt", "last.ckpt"):
+        torch.save({"global_step": 0}, d / name)
+    assert find_resume_checkpoint(d) == (d / "last.ckpt", [])
+    (d / "last.ckpt").unlink()
+    path, notes = find_resume_checkpoint(d)
+    assert path == d / "step=12.ckpt" and len(notes) == 1 and "last.ckpt is missing" in notes[0]
+
+
 def _netrc(home: Path, host: str) -> None:
     (home / ".netrc").write_text(f"machine {host}\n  login user\n  password x\n")
     (home / ".netrc").chmod(0o600)
