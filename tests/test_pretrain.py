@@ -35,15 +35,17 @@ def _state(run_dir: Path, name: str = "last.ckpt") -> dict:
 
 
 @slow
-def test_exact_resume_after_sigkill(tmp_path, shards):
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_exact_resume_after_sigkill(tmp_path, shards, precision):
     steps = 16
-    ref_cfg = write_config(tmp_path / "ref.yaml", tmp_path / "ref", shards, max_steps=steps)
+    ref_cfg = write_config(tmp_path / "ref.yaml", tmp_path / "ref", shards, max_steps=steps, precision=precision)
     run_recipe(ref_cfg)
     ref = losses_by_step(tmp_path / "ref")
     assert sorted(ref) == list(range(steps))
 
     run = tmp_path / "killed"
-    cfg = write_config(tmp_path / "killed.yaml", run, shards, max_steps=steps, callbacks=SLOW_DOWN)
+    cfg = write_config(tmp_path / "killed.yaml", run, shards, max_steps=steps, callbacks=SLOW_DOWN,
+                       precision=precision)
     proc = subprocess.Popen(recipe_cmd(cfg), cwd=ROOT, env=recipe_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
