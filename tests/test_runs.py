@@ -22,7 +22,7 @@ import yaml
 from gpt.run import compare_identity, shards_sha256, wandb_logged_in, wandb_offline_unless_configured
 from recipes.cli import normalize_argv
 from recipes.pretrain import main
-from tests.pretrain_fixtures import (ROOT, losses_by_step, metric_by_step, read_csv_metrics, read_wandb_run,
+from tests.pretrain_fixtures import (ROOT, losses_by_step, metric_by_step, read_wandb_run,
                                      recipe_cmd, recipe_env, run_recipe, write_config, write_random_shards,
                                      write_text_shards)
 
