@@ -1,0 +1,256 @@
+"""The verifiable demo task: short instruction conversations with one exact answer each.
+
+    from gpt.demo_task import make_rows, check, reward, FAMILIES
+    rows = make_rows(1000, "train", seed=0)   # list of dicts, TRL's conversational format:
+    # {"messages": [{"role": "user", "content": "What is 12 + 7?"},
+    #               {"role": "assistant", "content": "19"}],
+    #  "family": "add", "answer": "19", "split": "train", "template": "add/0", "key": "add|12|7"}
+    check(rows[0], "19.")  -> True       reward(rows[0], "20") -> 0.0
+
+No instruction data set can be downloaded on the demo's machine, so the post-training stages
+learn and are measured on this generator. Families (FAMILIES): copy, reverse, sort, first/last
+word, count words, compare two numbers, add a digit, look a key up in a short list, and two
+multi-turn ones (recall a word given a turn earlier; a follow-up about the previous answer).
+Each family has several phrasing templates, some optional system prompts, and its answers are
+short and canonical ("19", "king", "ship rain king").
+
+The held-out split ("val") is unseen twice over: its phrasing templates (and system prompts)
+are never used for training rows, and its values are disjoint — every question's values
+(the word list, the number pair, the table) have a `key`, and a key belongs to exactly one
+split by its hash, whatever the family (so a held-out word list is never copied, reversed or
+counted in training either). Row i of a split is a pure function of (seed, split, i): asking
+for more rows keeps the first ones.
+
+Exact match is the metric. `check` compares after `normalize`: case, runs of whitespace,
+surrounding quotes and trailing ".", "!" or "?" are ignored — nothing else. A reply that
+wraps the right value in a sentence ("The answer is 19.") is wrong: the task teaches bare
+answers, and accepting sentences would reward a reply that lists several values. `reward`
+is the same test as a float in {0, 1}, the verifiable reward for RL.
+"""
+from __future__ import annotations
+
+import hashlib
+import random
+import re
+from dataclasses import dataclass
+from typing import Callable, Literal, Optional
+
+Split = Literal["train", "val"]
+SPLITS = ("train", "val")
+VAL_SHARE = 0.2  # share of value keys held out
+
+# Nouns that are one token with and without a leading space in the demo tokenizer, so copying
+# a word from the question into the answer is copying a token.
+WORDS = ("age", "air", "bed", "day", "ear", "form", "fort", "hat", "head", "heart", "house", "joy", "king",
+         "land", "man", "night", "pen", "pin", "port", "rain", "ring", "rest", "ship", "son", "thing", "way")
+
+SYSTEM_PROMPTS = {
+    "train": ("You are a helpful assistant.", "Answer with just the answer.", "Be brief.",
+              "You are a concise assistant. Reply with the answer only."),
+    "val": ("Reply briefly.", "You are an assistant that answers in as few words as possible."),
+}
+SYSTEM_SHARE = 0.25
+ACKS = ("OK.", "Got it.", "Noted.", "Sure.")
+
+
+@dataclass(frozen=True)
+class Family:
+    """Phrasings per split and a sampler of (fields for the template, answer, value key)."""
+    name: str
+    templates: dict[str, tuple[str, ...]]
+    sample: Callable[[random.Random], tuple[dict, str, str]]
+    turns: int = 1  # 2: templates are "first user turn|second user turn"
+
+
+# ---- value samplers: (template fields, answer, key) -----------------------------------------
+def _words(rng: random.Random, lo: int, hi: int) -> list[str]:
+    return rng.sample(WORDS, rng.randint(lo, hi))
+
+
+def _word_list(lo: int, hi: int, answer: Callable[[list[str], dict], str], **extra):
+    def sample(rng: random.Random) -> tuple[dict, str, str]:
+        words = _words(rng, lo, hi)
+        fields = {k: rng.choice(v) for k, v in extra.items()}
+        return {"words": " ".join(words), **fields}, answer(words, fields), "words|" + " ".join(words)
+    return sample
+
+
+def _compare(rng: random.Random) -> tuple[dict, str, str]:
+    a, b = rng.sample(range(100), 2)
+    rel = rng.choice(("larger", "smaller"))
+    other = "smaller" if rel == "larger" else "larger"
+    answer = max(a, b) if rel == "larger" else min(a, b)
+    return {"a": a, "b": b, "rel": rel, "other": other}, str(answer), f"pair|{min(a, b)}|{max(a, b)}"
+
+
+def _followup(rng: random.Random) -> tuple[dict, str, str]:
+    fields, first, key = _compare(rng)
+    second = fields["a"] + fields["b"] - int(first)  # the other number
+    return {**fields, "first": first}, str(second), key
+
+
+def _add(rng: random.Random) -> tuple[dict, str, str]:
+    a, b = rng.randint(0, 50), rng.randint(1, 9)
+    return {"a": a, "b": b}, str(a + b), f"add|{a}|{b}"
+
+
+def _lookup(rng: random.Random) -> tuple[dict, str, str]:
+    keys = _words(rng, 2, 4)
+    values = [rng.randint(0, 9) for _ in keys]
+    table = ", ".join(f"{k}: {v}" for k, v in zip(keys, values))
+    i = rng.randrange(len(keys))
+    return {"table": table, "key": keys[i]}, str(values[i]), f"table|{table}|{keys[i]}"
+
+
+def _recall(rng: random.Random) -> tuple[dict, str, str]:
+    w = rng.choice(WORDS)
+    return {"w": w, "ack": rng.choice(ACKS)}, w, f"recall|{w}"
+
+
+FAMILIES: dict[str, Family] = {f.name: f for f in [
+    Family("copy", {
+        "train": ("Repeat after me: {words}", "Say this back to me: {words}", "Please repeat these words: {words}",
+                  "Echo: {words}", "Copy this exactly: {words}", "Can you repeat '{words}'?",
+                  "Write '{words}' again.", "Repeat the following: {words}"),
+        "val": ("Say again: {words}", "Please copy these words: {words}", "Could you echo '{words}'?")},
+        _word_list(2, 4, lambda w, f: " ".join(w))),
+    Family("reverse", {
+        "train": ("Reverse the order of these words: {words}", "Reverse: {words}",
+                  "Say these words backwards: {words}", "Write '{words}' in reverse order.",
+                  "Put these words in reverse order: {words}", "What is '{words}' reversed?",
+                  "Reverse the word order of '{words}'.", "Give me these words backwards: {words}"),
+        "val": ("Please reverse these words: {words}", "Write these words in reverse order: {words}",
+                "What do you get when you reverse '{words}'?")},
+        _word_list(2, 4, lambda w, f: " ".join(reversed(w)))),
+    Family("sort", {
+        "train": ("Sort these words alphabetically: {words}", "Put these words in alphabetical order: {words}",
+                  "Sort: {words}", "Arrange '{words}' in alphabetical order.", "Alphabetize: {words}",
+                  "What is '{words}' sorted alphabetically?", "Order these words from A to Z: {words}",
+                  "Sort the words '{words}'."),
+        "val": ("Please sort these words: {words}", "Alphabetize the words '{words}'.",
+                "Write these words in alphabetical order: {words}")},
+        _word_list(2, 3, lambda w, f: " ".join(sorted(w)))),
+    Family("first_last", {
+        "train": ("What is the {pos} word in '{words}'?", "Which word comes {pos} in: {words}",
+                  "Tell me the {pos} word of '{words}'.", "{words} - what is the {pos} word?",
+                  "Give the {pos} word: {words}", "Name the {pos} word in this list: {words}",
+                  "In '{words}', which word is {pos}?", "What word is {pos} in the list {words}?"),
+        "val": ("Find the {pos} word in '{words}'.", "What's the {pos} word of: {words}",
+                "Please say the {pos} word in '{words}'.")},
+        _word_list(3, 5, lambda w, f: w[0] if f["pos"] == "first" else w[-1], pos=("first", "last"))),
+    Family("count", {
+        "train": ("How many words are in '{words}'?", "Count the words: {words}",
+                  "How many words does this have: {words}", "Count how many words are in '{words}'.",
+                  "Number of words in '{words}'?", "How many words? {words}",
+                  "Tell me how many words are in: {words}", "What is the word count of '{words}'?"),
+        "val": ("Please count the words in '{words}'.", "How many words do you see here: {words}",
+                "Give the number of words in '{words}'.")},
+        _word_list(1, 6, lambda w, f: str(len(w)))),
+    Family("compare", {
+        "train": ("Which is {rel}, {a} or {b}?", "Which number is {rel}: {a} or {b}?", "{a} or {b}: which is {rel}?",
+                  "Of {a} and {b}, which is {rel}?", "Tell me the {rel} number: {a}, {b}.",
+                  "Pick the {rel} of {a} and {b}.", "Compare {a} and {b}. Which is {rel}?",
+                  "What is the {rel} number, {a} or {b}?"),
+        "val": ("Between {a} and {b}, which one is {rel}?", "Which of {a} and {b} is {rel}?",
+                "Name the {rel} of these two numbers: {a}, {b}.")},
+        _compare),
+    Family("add", {
+        "train": ("What is {a} + {b}?", "What is {a} plus {b}?", "Add {a} and {b}.", "Compute {a} + {b}.",
+                  "{a} + {b} = ?", "What do you get if you add {b} to {a}?", "Calculate {a} plus {b}.",
+                  "Sum {a} and {b}."),
+        "val": ("Please add {a} and {b}.", "What is the sum of {a} and {b}?", "How much is {a} + {b}?")},
+        _add),
+    Family("lookup", {
+        "train": ("In the list '{table}', what is {key}?", "Given {table}. What is {key}?",
+                  "{table}. What number goes with {key}?", "Here is a list: {table}. What is the value of {key}?",
+                  "Look up {key} in '{table}'.", "What is {key} in this list: {table}?",
+                  "From '{table}', tell me {key}.", "Find the value of {key} in: {table}"),
+        "val": ("Using the list '{table}', what is {key}?", "In {table}, what number is {key}?",
+                "Check '{table}'. What is {key}?")},
+        _lookup),
+    Family("recall", {
+        "train": ("Remember the word {w}.|What was the word?", "Please remember this word: {w}.|Tell me the word.",
+                  "My favorite word is {w}.|What is my favorite word?", "Keep this word in mind: {w}.|Which word was it?",
+                  "The secret word is {w}.|What is the secret word?", "Remember {w} for me.|What did I ask you to remember?",
+                  "Here is a word: {w}.|What word did I give you?", "Note the word {w}.|Say the word I gave you."),
+        "val": ("Don't forget the word {w}.|Can you say the word again?",
+                "Here is a word to remember: {w}.|What word did I tell you to remember?",
+                "I pick the word {w}.|Which word did I pick?")},
+        _recall, turns=2),
+    Family("followup", {
+        "train": ("Which is {rel}, {a} or {b}?|And the {other} one?", "Of {a} and {b}, which is {rel}?|What about the {other}?",
+                  "Which number is {rel}: {a} or {b}?|And which is {other}?",
+                  "Pick the {rel} of {a} and {b}.|Now the {other} one.", "{a} or {b}: which is {rel}?|And the {other}?",
+                  "Tell me the {rel} number: {a}, {b}.|Now tell me the {other} number.",
+                  "Compare {a} and {b}. Which is {rel}?|Which is {other}?",
+                  "What is the {rel} number, {a} or {b}?|And the {other} number?"),
+        "val": ("Between {a} and {b}, which one is {rel}?|Which one is {other} then?",
+                "Which of {a} and {b} is {rel}?|And now the {other}?",
+                "Name the {rel} of these two numbers: {a}, {b}.|What about the {other} of the two?")},
+        _followup, turns=2),
+]}
+
+
+def key_split(key: str) -> Split:
+    """The split a value key belongs to: a fixed hash, so the same in every process and version."""
+    h = int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big")
+    return "val" if h % 1000 < VAL_SHARE * 1000 else "train"
+
+
+def make_row(family: str, split: Split, rng: random.Random) -> dict:
+    """One conversation of `family` whose phrasing and values belong to `split`."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    fam = FAMILIES[family]
+    while True:  # rejection: ~1/(1 - VAL_SHARE) draws for train, ~5 for val
+        fields, answer, key = fam.sample(rng)
+        if key_split(key) == split:
+            break
+    t = rng.randrange(len(fam.templates[split]))
+    turns = fam.templates[split][t].format(**fields).split("|")
+    messages = [{"role": "user", "content": turns[0]}]
+    if fam.turns == 2:
+        first_reply = fields["first"] if "first" in fields else fields["ack"]
+        messages += [{"role": "assistant", "content": first_reply}, {"role": "user", "content": turns[1]}]
+    messages.append({"role": "assistant", "content": answer})
+    if rng.random() < SYSTEM_SHARE:
+        messages.insert(0, {"role": "system", "content": rng.choice(SYSTEM_PROMPTS[split])})
+    tid = t if split == "train" else len(fam.templates["train"]) + t  # template ids unique per family
+    return {"messages": messages, "family": family, "answer": answer, "split": split,
+            "template": f"{family}/{tid}", "key": key}
+
+
+def make_rows(n: int, split: Split, seed: int = 0, families: Optional[list[str]] = None) -> list[dict]:
+    """n rows, families in turn; row i depends only on (seed, split, i)."""
+    names = list(families or FAMILIES)
+    unknown = [f for f in names if f not in FAMILIES]
+    if unknown:
+        raise ValueError(f"unknown demo task families {unknown}; known: {', '.join(FAMILIES)}")
+    return [make_row(names[i % len(names)], split, random.Random(f"{seed}|{split}|{i}")) for i in range(n)]
+
+
+def prompt_messages(row: dict) -> list[dict]:
+    """The conversation a model is asked to continue: the row without its final answer."""
+    return row["messages"][:-1]
+
+
+_TRAILING = re.compile(r"[.!?]+$")
+
+
+def normalize(text: str) -> str:
+    """Lower case, single spaces, no surrounding quotes, no trailing . ! ?"""
+    t = " ".join(text.split()).lower()
+    t = _TRAILING.sub("", t).strip()
+    if len(t) >= 2 and t[0] == t[-1] and t[0] in "'\"":
+        t = _TRAILING.sub("", t[1:-1].strip()).strip()
+    return t
+
+
+def check(row: dict, reply: str) -> bool:
+    """Exact match of a reply against the row's answer, after `normalize`."""
+    return normalize(reply) == normalize(row["answer"])
+
+
+def reward(row: dict, reply: str) -> float:
+    """The verifiable reward: 1.0 for an exact match, else 0.0."""
+    return 1.0 if check(row, reply) else 0.0

@@ -1,0 +1,147 @@
+"""gpt.demo_task and data_prep.make_demo_task: correct answers, determinism, a truly held-out split, the checker."""
+import json
+import random
+import re
+
+import pytest
+
+from data_prep.make_demo_task import main, make_demo_task
+from gpt.chat import validate_messages
+from gpt.demo_task import (FAMILIES, SYSTEM_PROMPTS, WORDS, check, key_split, make_row, make_rows, normalize,
+                           prompt_messages, reward)
+
+
+def words_in(text: str) -> list[str]:
+    return [w for w in re.findall(r"\b[a-z]+\b", text) if w in WORDS]
+
+
+def numbers_in(text: str) -> list[int]:
+    return [int(n) for n in re.findall(r"\d+", text)]
+
+
+def expected_answer(row: dict) -> str:
+    """The answer recomputed from the question text alone, family by family."""
+    q = next(m["content"] for m in row["messages"] if m["role"] == "user")
+    f = row["family"]
+    if f == "copy":
+        return " ".join(words_in(q))
+    if f == "reverse":
+        return " ".join(reversed(words_in(q)))
+    if f == "sort":
+        return " ".join(sorted(words_in(q)))
+    if f == "count":
+        return str(len(words_in(q)))
+    if f == "first_last":
+        ws = words_in(q)
+        return ws[0] if "first" in q else ws[-1]
+    if f == "add":
+        return str(sum(numbers_in(q)))
+    if f in ("compare", "followup"):
+        a, b = numbers_in(q)
+        first = max(a, b) if "larger" in q else min(a, b)
+        return str(first) if f == "compare" else str(a + b - first)
+    if f == "lookup":
+        table = dict(re.findall(r"([a-z]+): (\d)", q))
+        (key,) = [w for w in re.findall(r"\b([a-z]+)\b(?!:)", q) if w in WORDS]  # the word not followed by ":"
+        return table[key]
+    if f == "recall":
+        return words_in(q)[0]
+    raise AssertionError(f)
+
+
+def test_templates_never_contain_task_words_and_counts():
+    for fam in FAMILIES.values():
+        assert len(fam.templates["train"]) >= 8 and len(fam.templates["val"]) >= 3, fam.name
+        assert not set(fam.templates["train"]) & set(fam.templates["val"])
+        for t in fam.templates["train"] + fam.templates["val"]:
+            assert not words_in(re.sub(r"\{\w+\}", "", t)), t  # so words_in() reads only values
+    assert not set(SYSTEM_PROMPTS["train"]) & set(SYSTEM_PROMPTS["val"])
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_rows_are_valid_conversations_with_the_right_answer(split):
+    rows = make_rows(600, split, seed=1)
+    assert {r["family"] for r in rows} == set(FAMILIES)
+    for r in rows:
+        validate_messages(r["messages"], require_final_assistant=True)
+        assert r["messages"][-1] == {"role": "assistant", "content": r["answer"]}
+        assert prompt_messages(r) == r["messages"][:-1] and prompt_messages(r)[-1]["role"] == "user"
+        assert r["answer"] == expected_answer(r), r
+        assert r["split"] == split and key_split(r["key"]) == split
+        turns = [m for m in r["messages"] if m["role"] != "system"]
+        assert len(turns) == 2 * FAMILIES[r["family"]].turns
+
+
+def test_deterministic_and_prefix_stable():
+    a = make_rows(200, "train", seed=7)
+    assert a == make_rows(200, "train", seed=7)
+    assert make_rows(50, "train", seed=7) == a[:50]
+    assert make_rows(200, "train", seed=8) != a
+    assert make_row("add", "val", random.Random(3)) == make_row("add", "val", random.Random(3))
+
+
+def test_held_out_split_is_unseen_in_phrasings_and_values():
+    train, val = make_rows(5000, "train", seed=0), make_rows(1000, "val", seed=0)
+    assert not {r["template"] for r in train} & {r["template"] for r in val}
+    assert not {r["key"] for r in train} & {r["key"] for r in val}
+    # Every phrasing of each split is used, and the user turns never repeat across splits.
+    for split, rows in (("train", train), ("val", val)):
+        used = {r["template"] for r in rows}
+        assert len(used) == sum(len(f.templates[split]) for f in FAMILIES.values())
+        systems = {r["messages"][0]["content"] for r in rows if r["messages"][0]["role"] == "system"}
+        assert systems == set(SYSTEM_PROMPTS[split])
+    user = lambda rows: {m["content"] for r in rows for m in r["messages"] if m["role"] == "user"}
+    assert not user(train) & user(val)
+    # Values: a held-out word list or number pair is not used by any training family either.
+    def pairs(rows):
+        first_user = lambda r: next(m["content"] for m in r["messages"] if m["role"] == "user")
+        return {tuple(sorted(numbers_in(first_user(r)))) for r in rows if r["family"] in ("compare", "followup")}
+    assert not pairs(train) & pairs(val)
+    share = sum(key_split(f"pair|{a}|{b}") == "val" for a in range(100) for b in range(a + 1, 100)) / 4950
+    assert 0.15 < share < 0.25
+
+
+def test_unknown_family_and_split():
+    with pytest.raises(ValueError, match=r"^unknown demo task families \['nope'\]"):
+        make_rows(3, "train", families=["nope"])
+    with pytest.raises(ValueError, match=r"^split must be one of train, val, got 'test'$"):
+        make_row("add", "test", random.Random(0))
+
+
+@pytest.mark.parametrize("answer, reply, ok", [
+    ("19", "19", True), ("19", " 19 \n", True), ("19", "19.", True), ("19", "19!", True), ("19", "'19'", True),
+    ("19", '"19."', True), ("king ship", "King  Ship", True), ("king ship", "king ship?", True),
+    ("19", "The answer is 19.", False), ("19", "191", False), ("19", "1 9", False), ("19", "", False),
+    ("19", "19 or 20", False), ("king ship", "king, ship", False), ("king ship", "ship king", False),
+    ("king", "king king", False), ("19", "19,", False),
+])
+def test_checker(answer, reply, ok):
+    row = {"answer": answer}
+    assert check(row, reply) is ok
+    assert reward(row, reply) == (1.0 if ok else 0.0)
+
+
+def test_normalize():
+    assert normalize("  Ship\tRAIN\n king.. ") == "ship rain king"
+    assert normalize("'bed'!") == "bed"
+
+
+def test_make_demo_task_writes_jsonl(tmp_path, capsys):
+    counts = make_demo_task(str(tmp_path / "t"), train=40, val=20, seed=3)
+    lines = (tmp_path / "t" / "train.jsonl").read_text().splitlines()
+    assert [json.loads(x) for x in lines] == make_rows(40, "train", 3)
+    assert [json.loads(x) for x in (tmp_path / "t" / "val.jsonl").read_text().splitlines()] == make_rows(20, "val", 3)
+    assert counts["train"]["add"] == 4 and counts["val"]["add"] == 2
+    out = capsys.readouterr().out
+    assert "train.jsonl (40 rows)" in out and re.search(r"add +train +4 +val +2", out)
+    assert sorted(p.name for p in (tmp_path / "t").iterdir()) == ["train.jsonl", "val.jsonl"]
+    first = (tmp_path / "t" / "train.jsonl").read_bytes()
+    make_demo_task(str(tmp_path / "t"), train=40, val=20, seed=3)
+    assert (tmp_path / "t" / "train.jsonl").read_bytes() == first
+
+
+def test_make_demo_task_errors(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--out", str(tmp_path), "--train", "-1"])
+    assert e.value.code == 1
+    assert capsys.readouterr().err == "error: --train must be >= 0, got -1\n"
