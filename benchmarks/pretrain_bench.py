@@ -15,10 +15,10 @@ number of torch threads alone does it: 1 process with 1 vs 2 threads differ by 0
 the same model) and at the last step. Two processes get one torch thread each, one process gets
 two, so every row uses the machine's 2 cores.
 
-Tokens/s and MFU are what the recipe itself logs (gpt.callbacks.GPTThroughputMonitor, i.e.
-Lightning's ThroughputMonitor: tokens over a 10-step window, MFU against the matmul peak that
-gpt.flops measures at start-up for the row's precision), as the median over the run after its
-first 15 steps. The "demo budget" table runs tiny-cpu.yaml unchanged (its max_steps, validation
+Tokens/s and MFU are what the recipe itself logs (train/tokens_per_sec and train/mfu from
+gpt.callbacks.RunMonitor, i.e. Lightning's Throughput over a window of log_every_n_steps optimizer
+steps, MFU against the matmul peak that gpt.flops measures at start-up for the row's precision),
+as the median over the run after its first 15 steps. The "demo budget" table runs tiny-cpu.yaml unchanged (its max_steps, validation
 and checkpoints) and reports the held-out loss and bits-per-byte at the end, and the wall time.
 """
 from __future__ import annotations
