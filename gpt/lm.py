@@ -196,10 +196,12 @@ class CausalLMModule(L.LightningModule):
 
 def log_at_step(module: L.LightningModule, metrics: dict[str, float]) -> None:
     """Log validation metrics at the optimizer step (the model after global_step updates, as in
-    the checkpoint of that step), not at Lightning's count, and show them in the progress bar."""
-    for k, v in metrics.items():
-        module.log(k, v, prog_bar=True, logger=False, rank_zero_only=True)
+    the checkpoint of that step), not at Lightning's own count, and show them in the progress bar.
+    Outside fit (trainer.validate) they are logged the usual way, so validate() returns them."""
     trainer = module.trainer
-    if trainer.is_global_zero and not trainer.sanity_checking:
+    fitting = trainer.state.fn == "fit"
+    for k, v in metrics.items():
+        module.log(k, v, prog_bar=True, logger=not fitting, rank_zero_only=True)
+    if fitting and trainer.is_global_zero and not trainer.sanity_checking:
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
