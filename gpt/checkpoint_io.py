@@ -2,7 +2,6 @@
 
     trainer = L.Trainer(plugins=[AtomicCheckpointIO()], ...)       # or in a recipe YAML:
     #   trainer.plugins: [{class_path: gpt.checkpoint_io.AtomicCheckpointIO}]
-    path, notes = find_resume_checkpoint("runs/x/checkpoints")     # what `--ckpt_path last` resumes
 
 Lightning's TorchCheckpointIO writes the final path in place, so a SIGKILL (preemption, OOM
 killer) in the middle of writing `last.ckpt` leaves a truncated file where the only resume
@@ -13,7 +12,6 @@ that save directories (DeepSpeed) use their own path and are not affected by thi
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import Any, Optional
 
@@ -60,25 +58,3 @@ def _fsync_dir(directory: Path) -> None:
         pass
     finally:
         os.close(fd)
-
-
-def find_resume_checkpoint(checkpoint_dir: str | os.PathLike) -> tuple[Optional[Path], list[str]]:
-    """The checkpoint `--ckpt_path last` resumes from, and one-line notes to print.
-
-    last.ckpt when it exists, else the periodic checkpoint with the highest step (its name carries
-    `step=N`), else (None, notes): a fresh start. (A minimal version: it does not yet verify that a
-    checkpoint is complete before choosing it.)
-    """
-    d = Path(checkpoint_dir)
-    last = d / "last.ckpt"
-    if last.exists():
-        return last, []
-    steps = {}
-    for p in d.glob("*.ckpt") if d.is_dir() else ():
-        m = re.search(r"step=(\d+)", p.name)
-        if m:
-            steps[p] = int(m.group(1))
-    if not steps:
-        return None, [f"no checkpoint in {d}: starting from step 0"]
-    newest = max(steps, key=steps.get)
-    return newest, [f"{last} is missing: resuming from {newest.name}, the newest periodic checkpoint"]

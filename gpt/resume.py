@@ -7,7 +7,8 @@
 Lightning's own `ckpt_path="last"` takes `last.ckpt` whatever state it is in, and starts from step 0
 (with a warning) when it is missing even if periodic checkpoints exist. Here `last.ckpt` (or
 Lightning's `last-vN.ckpt`, the most recently modified first) is used when it is complete and
-loadable; otherwise the most recently written valid periodic checkpoint, with a note naming why
+loadable; otherwise the valid periodic checkpoint of the highest step (`step=N` in its name; else
+the most recently written), with a note naming why
 `last` was skipped. "Valid" costs no tensor reads:
 - a `.ckpt` file: its zip directory (written last, so truncation breaks it) and its pickle read with
   the memory-mapped weights-only loader (plain data only; tensors stay on disk);
@@ -28,6 +29,7 @@ from gpt.safe_load import safe_load
 
 # ModelCheckpoint.CHECKPOINT_NAME_LAST and its version suffix (last-v1.ckpt when last.ckpt existed).
 _LAST = re.compile(r"^last(-v\d+)?\.ckpt$")
+_STEP = re.compile(r"step=(\d+)")
 
 
 def checkpoint_step(path: str | os.PathLike) -> int:
@@ -62,7 +64,11 @@ def _candidates(d: Path) -> tuple[list[tuple[str, Path]], list[tuple[str, Path]]
             return item[1].stat().st_mtime
         except OSError:
             return 0.0
-    found.sort(key=mtime, reverse=True)
+    def order(item: tuple[str, Path]) -> tuple[int, float]:
+        # The step in the name first (step=N.ckpt): a copied run directory's mtimes are all alike.
+        m = _STEP.search(item[0])
+        return (int(m.group(1)) if m else -1, mtime(item))
+    found.sort(key=order, reverse=True)
     last = [c for c in found if _LAST.match(c[0])]
     return last, [c for c in found if not _LAST.match(c[0])]
 

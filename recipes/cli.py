@@ -47,7 +47,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from gpt.callbacks import RunCheckpoint, RunMonitor, RunProgressBar, stdout_is_terminal
 from gpt.checkpoint import CheckpointError
-from gpt.checkpoint_io import find_resume_checkpoint
+from gpt.resume import find_resume_checkpoint
 from gpt.run import (RunCSVLogger, RunDir, RunError, RunRecord, RunWandbLogger, atomic_write_text,
                      checkpoint_identity, checkpoint_meta, compare_identity, git_commit, model_identity,
                      new_wandb_id, peek_model_config, start_wandb, wandb_offline_unless_configured)
@@ -398,4 +398,7 @@ def run(module_cls: type, datamodule_cls: type, stage: str, args: Optional[list[
     """Parse the command line (or `args`), check, set up the run directory and train: a recipe's main."""
     quiet_library_noise()
     wandb_offline_unless_configured()
-    return GPTCLI(module_cls, datamodule_cls, stage, normalize_argv(sys.argv[1:] if args is None else list(args)))
+    try:
+        return GPTCLI(module_cls, datamodule_cls, stage, normalize_argv(sys.argv[1:] if args is None else list(args)))
+    except CheckpointError as e:  # found while loading (e.g. a ZeRO shard refused): one line, on every rank
+        _fail(e)

@@ -22,11 +22,4 @@ def main(args: Optional[list[str]] = None) -> GPTCLI:
 
 
 if __name__ == "__main__":
-    from gpt.checkpoint import CheckpointError
-
-    try:
-        main()
-    except CheckpointError as e:  # an unusable or unsafe checkpoint: one line, no traceback
-        from lightning.pytorch.utilities.rank_zero import rank_zero_only
-
-        raise SystemExit(f"error: {e}" if rank_zero_only.rank == 0 else 1)  # every rank has the same line
+    main()

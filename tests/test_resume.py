@@ -50,11 +50,12 @@ def test_missing_last_falls_back_to_the_newest_periodic(run):
 ])
 def test_unusable_last_is_skipped_with_its_reason(run, damage, reason):
     damage(run / "last.ckpt")
-    _age(run / "epoch=0-step=10.ckpt", 100)  # "newest" is by modification time: step 5 is now newer
+    # "newest" is the step in the name, not the modification time (a copied run dir's mtimes are all alike)
+    _age(run / "epoch=0-step=10.ckpt", 100)
     path, notes = find_resume_checkpoint(run)
-    assert path == run / "epoch=0-step=5.ckpt"
+    assert path == run / "epoch=0-step=10.ckpt"
     assert notes[0].startswith(f"skipping last.ckpt: {run / 'last.ckpt'}: ") and reason in notes[0]
-    assert notes[1] == "resuming from epoch=0-step=5.ckpt, step 5: the newest valid periodic checkpoint"
+    assert notes[1] == "resuming from epoch=0-step=10.ckpt, step 10: the newest valid periodic checkpoint"
 
 
 def test_crafted_checkpoint_is_skipped_and_never_runs(run, tmp_path):

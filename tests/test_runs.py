@@ -131,16 +131,19 @@ def test_resumed_schedule_follows_the_new_lr_and_length():
 
 
 def test_ckpt_path_last_finds_last_or_the_newest_periodic_checkpoint(tmp_path):
-    from gpt.checkpoint_io import find_resume_checkpoint
+    from gpt.resume import find_resume_checkpoint
     d = tmp_path / "checkpoints"
     assert find_resume_checkpoint(d)[0] is None  # nothing yet: a fresh start
     d.mkdir()
-    for name in ("step=8.ckpt", "step=12.ckpt", "last.ckpt"):
-        torch.save({"global_step": 0}, d / name)
+    # step=12 written before step=8: the step in the name decides, not the modification time
+    for name, step in (("step=12.ckpt", 12), ("step=8.ckpt", 8), ("last.ckpt", 12)):
+        torch.save({"state_dict": {}, "global_step": step}, d / name)
     assert find_resume_checkpoint(d) == (d / "last.ckpt", [])
     (d / "last.ckpt").unlink()
     path, notes = find_resume_checkpoint(d)
-    assert path == d / "step=12.ckpt" and len(notes) == 1 and "last.ckpt is missing" in notes[0]
+    assert path == d / "step=12.ckpt"
+    assert notes == [f"no last.ckpt in {d}",
+                     "resuming from step=12.ckpt, step 12: the newest valid periodic checkpoint"]
 
 
 def _netrc(home: Path, host: str) -> None:
