@@ -20,6 +20,7 @@ from __future__ import annotations
 import re
 import shlex
 import subprocess
+from datetime import datetime
 from typing import Optional
 
 from gpt.pipeline import Decision, Pipeline, Step, clean, read_marker
@@ -96,12 +97,26 @@ def parse_jobs(text: str) -> list[tuple[str, list[str]]]:
     return out
 
 
-def failures(jobs: list[tuple[str, list[str]]]) -> tuple[Optional[str], list[str], dict[str, str]]:
-    """(the line naming the first failed job, the jobs cancelled after it, job name -> state)."""
+def _time(text: Optional[str]) -> Optional[float]:
+    try:
+        return datetime.strptime(text or "", "%Y-%m-%dT%H:%M:%S").timestamp()
+    except ValueError:  # "Unknown", "None": not started or not ended
+        return None
+
+
+def failures(jobs: list[tuple[str, list[str]]]
+             ) -> tuple[Optional[str], list[str], dict[str, str], dict[str, float]]:
+    """(the line naming the first failed job, the jobs cancelled after it, job name -> state,
+    stage -> seconds from its first job's start to its last job's end)."""
     first, cancelled, states = None, [], {}
+    spans: dict[str, list[float]] = {}
     for name, ids in jobs:
         for job_id in ids:
             for rec in job_records(job_id):
+                start, end = _time(rec.get("StartTime")), _time(rec.get("EndTime"))
+                if start is not None and end is not None and end >= start:
+                    span = spans.setdefault(name.removesuffix("_after"), [start, end])
+                    span[0], span[1] = min(span[0], start), max(span[1], end)
                 state = rec.get("JobState", "?")
                 if state not in FAILED:
                     states.setdefault(name, state)
@@ -113,7 +128,7 @@ def failures(jobs: list[tuple[str, list[str]]]) -> tuple[Optional[str], list[str
                 elif first is None:
                     first = (f"stage {name.removesuffix('_after')} failed: job {rec.get('JobId')} "
                              f"{state} (exit {rec.get('ExitCode', '?')}); its log: {rec.get('StdOut', '?')}")
-    return first, cancelled, states
+    return first, cancelled, states, {k: b - a for k, (a, b) in spans.items()}
 
 
 def stage_status(pipe: Pipeline, jobs: list[tuple[str, list[str]]], states: dict[str, str]) -> dict[str, str]:

@@ -116,9 +116,14 @@ def stage_row(pipe: Pipeline, step: Step, status: str, transcript: Optional[str]
 
 
 def collect(pipe: Pipeline, status: dict[str, str], transcripts: Optional[dict[str, str]] = None,
-            state: str = "done", started_at: Optional[float] = None, extra: Optional[dict] = None) -> dict[str, Any]:
-    """The summary as data: the pipeline's state and a row per stage (stages not reached: "pending")."""
+            state: str = "done", started_at: Optional[float] = None, extra: Optional[dict] = None,
+            walls: Optional[dict[str, float]] = None) -> dict[str, Any]:
+    """The summary as data: the pipeline's state and a row per stage (stages not reached: "pending").
+    `walls`: stage times measured elsewhere (a Slurm chain's jobs), over the markers' own."""
     rows = [stage_row(pipe, s, status.get(s.name, "pending"), (transcripts or {}).get(s.name)) for s in pipe.steps]
+    for r in rows:
+        if walls and r["stage"] in walls:
+            r["wall_s"] = walls[r["stage"]]
     now = time.time()
     return {"pipeline": {"config": pipe.source, "dir": pipe.dir, "group": pipe.group, "state": state,
                          "started_at": started_at, "finished_at": now,

@@ -149,9 +149,9 @@ def _report(pipe: Any, jobs_text: str) -> int:
     from gpt.pipeline_summary import collect, table, write_summary
 
     jobs = parse_jobs(jobs_text)
-    first, cancelled, states = failures(jobs)
+    first, cancelled, states, walls = failures(jobs)
     summary = collect(pipe, stage_status(pipe, jobs, states), state="failed" if first else "done",
-                      extra={"slurm_jobs": {n: ids for n, ids in jobs}, "slurm_states": states})
+                      extra={"slurm_jobs": {n: ids for n, ids in jobs}, "slurm_states": states}, walls=walls)
     js, md = write_summary(pipe, summary)
     print(table(summary) + f"\n\nsummary: {js} and {md} (stage times: {fmt_seconds(summary['pipeline']['stage_time_s'])})")
     if first:
