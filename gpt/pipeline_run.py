@@ -20,7 +20,10 @@ slurm.requeue.RequeueOnSignal, added to every recipe the runner starts, saves la
 current optimizer step and stops —, any other command SIGINT. A second Ctrl-C terminates the
 stage's process group, a third kills it. The stage stays "started", so the next run of the same
 command resumes it: a recipe with `--ckpt_path last`, data prep by skipping its finished tasks.
-A failing command stops the pipeline with one line naming the stage and its log.
+A failing command stops the pipeline with one line naming the stage and its log. If the runner
+itself dies (kill -9, a closed terminal), the running command gets SIGTERM from the kernel
+(Linux: PR_SET_PDEATHSIG) instead of running on unseen; its marker stays "started" and the
+next run resumes it from what it saved.
 """
 from __future__ import annotations
 
@@ -57,6 +60,17 @@ def child_env() -> dict[str, str]:
     env["PYTHONUNBUFFERED"] = "1"  # progress lines reach the log as they are printed
     env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     return env
+
+
+def _die_with_runner(runner_pid: int) -> None:
+    """In the stage's process before exec: SIGTERM when the runner dies (Linux), so no stage runs
+    on unseen after a kill -9 of the pipeline; a runner already gone means stop now."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # 1: PR_SET_PDEATHSIG
+    if os.getppid() != runner_pid:
+        os._exit(143)
 
 
 def argv_of(cmd: list[str]) -> list[str]:
@@ -139,11 +153,12 @@ class Runner:
             env = {**env, "GPT_REQUEUE_FILE": str(self.stop_file(step))}
         self.say(f"$ {show(cmd)}", log)
         self.ready, self.graceful = False, (signal.SIGUSR1 if recipe else signal.SIGINT)
+        runner = os.getpid()
         # A session of its own: the terminal's Ctrl-C reaches the runner only, which decides what
         # the stage gets (a recipe must checkpoint, not die of a KeyboardInterrupt).
         self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE if step.stdin is not None else subprocess.DEVNULL,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
-                                     start_new_session=True)
+                                     start_new_session=True, preexec_fn=lambda: _die_with_runner(runner))
         try:
             if step.stdin is not None:
                 assert self.proc.stdin is not None

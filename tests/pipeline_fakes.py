@@ -1,17 +1,19 @@
 """A fake pipeline stage for tests/test_pipeline.py: a fast command that records that it ran.
 
     python tests/pipeline_fakes.py NAME --out FILE [--read FILE ...] [--value X] [--ledger FILE]
-                                   [--fail] [--steps N --sleep S]
+                                   [--fail] [--steps N --sleep S [--quiet]]
 
 Appends NAME to the ledger, then writes FILE as JSON: its name, its value, and the contents of
 the files it read (so an upstream change reaches it). With --steps it counts steps, one line
 each, keeping its progress in FILE.state: stopped by SIGINT after "step K", a second run goes on
-from step K + 1 — a stage that resumes inside itself, as the recipes do. --fail exits 3.
+from step K + 1 — a stage that resumes inside itself, as the recipes do (--quiet: no line per
+step, a stage that would not notice its reader is gone). --fail exits 3.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -27,6 +29,7 @@ def main() -> int:
     p.add_argument("--fail", action="store_true")
     p.add_argument("--steps", type=int, default=0)
     p.add_argument("--sleep", type=float, default=0.0)
+    p.add_argument("--quiet", action="store_true")
     a = p.parse_args()
     if a.ledger:
         with open(a.ledger, "a") as f:
@@ -38,12 +41,13 @@ def main() -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     state = Path(str(out) + ".state")
     start = int(state.read_text()) if state.is_file() else 0
-    print(f"{a.name}: starting at step {start}", flush=True)
+    print(f"{a.name}: starting at step {start} (pid {os.getpid()})", flush=True)
     try:
         for step in range(start, a.steps):
             time.sleep(a.sleep)
             state.write_text(str(step + 1))
-            print(f"{a.name}: step {step + 1}", flush=True)
+            if not a.quiet:
+                print(f"{a.name}: step {step + 1}", flush=True)
     except KeyboardInterrupt:
         print(f"{a.name}: interrupted after step {state.read_text() if state.is_file() else 0}", flush=True)
         return 130
