@@ -26,13 +26,14 @@ FAKE = str(ROOT / "tests" / "pipeline_fakes.py")
 CONFIGS = sorted((ROOT / "recipes" / "configs").glob("pipeline-*.yaml"))
 
 
-def fake_stages(knob: Path, fail_b: bool = False, steps_b: int = 0, sleep: float = 0.0) -> list[dict]:
+def fake_stages(knob: Path, fail_b: bool = False, steps_b: int = 0, sleep: float = 0.0, quiet: bool = False
+                ) -> list[dict]:
     """a -> b -> c; b also reads `knob` (a file outside the pipeline's dir, like a config)."""
     def cmd(name, *extra):
         return ["python", FAKE, name, "--ledger", "{dir}/ledger.txt", *extra]
     b_extra = ["--fail"] if fail_b else []
     if steps_b:
-        b_extra += ["--steps", steps_b, "--sleep", sleep]
+        b_extra += ["--steps", steps_b, "--sleep", sleep] + (["--quiet"] if quiet else [])
     return [
         {"name": "a", "run": [cmd("a", "--out", "{dir}/a.json", "--value", 1.5)], "out": "{dir}/a.json",
          "metrics": [{"name": "value", "json": "{dir}/a.json", "key": "value"}], "estimate_s": 1},
@@ -174,7 +175,9 @@ def test_a_failing_stage_stops_the_pipeline_with_one_line(tmp_path, capsys):
     assert ledger(tmp_path) == ["a", "b", "b", "c"]
 
 
-def test_ctrl_c_stops_the_stage_and_a_rerun_resumes_inside_it(tmp_path):
+@pytest.mark.slow  # subprocesses
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_stops_the_stage_and_a_rerun_resumes_inside_it(tmp_path, sig):
     config = write_config(tmp_path, steps_b=60, sleep=0.05)
     cmd = [sys.executable, "-m", "recipes.pipeline", "--config", str(config)]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -183,7 +186,7 @@ def test_ctrl_c_stops_the_stage_and_a_rerun_resumes_inside_it(tmp_path):
     while not (log.exists() and "b: step 3\n" in log.read_text()):
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
         time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)  # Ctrl-C, or the SIGTERM of a closed session / `kill`
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, (out, err)
     assert f"pipeline: stopped in stage b; the same command resumes it (log: {log})" in err
@@ -201,6 +204,45 @@ def test_ctrl_c_stops_the_stage_and_a_rerun_resumes_inside_it(tmp_path):
     assert ledger(tmp_path) == ["a", "b", "b", "c"]
     wall = {x["stage"]: x["wall_s"] for x in summary(tmp_path)["stages"]}
     assert wall["b"] >= marker["spent_s"]  # both attempts count
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+
+
+@pytest.mark.slow  # subprocesses
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_killed_runner_takes_its_stage_down_and_a_rerun_resumes_inside_it(tmp_path):
+    # b is quiet: only the kernel's signal, not a broken pipe, can tell it that the runner is gone.
+    config = write_config(tmp_path, steps_b=400, sleep=0.05, quiet=True)
+    cmd = [sys.executable, "-m", "recipes.pipeline", "--config", str(config)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    state = tmp_path / "out" / "b" / "out.json.state"
+    deadline = time.monotonic() + 120
+    while not (state.exists() and int(state.read_text() or 0) >= 3):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+    log = (tmp_path / "out" / "logs" / "b.log").read_text()
+    pid = int(log.split("(pid ", 1)[1].split(")")[0])
+    proc.kill()  # kill -9: the runner gets no chance to stop the stage
+    proc.communicate(timeout=60)
+    deadline = time.monotonic() + 5  # b alone would need 20 s more
+    while not _gone(pid):
+        assert time.monotonic() < deadline, f"stage b (pid {pid}) runs on after its runner was killed"
+        time.sleep(0.05)
+    stopped = int(state.read_text())
+    assert 3 <= stopped < 400
+    assert json.loads((tmp_path / "out" / "stages" / "b.json").read_text())["state"] == "started"
+
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "[1/3] a: skipped (done, inputs unchanged" in r.stdout
+    assert "[2/3] b: resuming the interrupted run" in r.stdout
+    assert json.loads((tmp_path / "out" / "b" / "out.json").read_text())["started_at_step"] == stopped
+    assert ledger(tmp_path) == ["a", "b", "b", "c"]
 
 
 @pytest.mark.parametrize("change, message", [
@@ -258,3 +300,67 @@ def test_slurm_plan_chains_the_stages_and_skips_finished_ones(tmp_path):
     write_marker(pipe, "tokenizer", {"state": "done", "fingerprint": fingerprint(pipe, pipe.step("tokenizer"))})
     jobs = slurm_plan(pipe, "P.yaml", plan(pipe))
     assert [j[0] for j in jobs][:2] == ["shards", "shards_after"] and jobs[0][2] == "-"
+
+
+# ---- the real pipeline, shrunk ------------------------------------------------------------------
+
+def _wait_for(path: Path, text: str, proc: subprocess.Popen, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while not (path.exists() and text in path.read_text()):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"never saw {text!r} in {path}: {proc.communicate()[0][-3000:]}")
+        time.sleep(0.02)
+
+
+@pytest.mark.slow
+def test_the_real_pipeline_end_to_end_with_a_ctrl_c_inside_pretraining(tmp_path):
+    from tests.pipeline_fixtures import shrunk_pipeline, write_pipeline
+    d = tmp_path / "demo"
+    config = write_pipeline(shrunk_pipeline(d, pretrain_steps=60), tmp_path / "pipeline.yaml")
+    cmd = [sys.executable, "-m", "recipes.pipeline", "--config", str(config)]
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    log = d / "logs" / "pretrain.log"
+    _wait_for(log, "step 5/60 |", proc)
+    proc.send_signal(signal.SIGINT)  # Ctrl-C: the recipe checkpoints after its current step and stops
+    out = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 130, out[-3000:]
+    assert f"pipeline: stopped in stage pretrain; the same command resumes it (log: {log})" in out
+    stopped = int(log.read_text().split("stopping for requeue")[0].rsplit("at step ", 1)[1].split(",")[0])
+    assert 5 <= stopped < 60
+    assert f"last.ckpt saved at step {stopped}" in log.read_text()
+
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    assert "[1/" in r.stdout and "tokenizer: skipped (done, inputs unchanged" in r.stdout
+    assert "pretrain: resuming the interrupted run" in r.stdout
+    assert f"resuming {d}/pretrain/checkpoints/last.ckpt at step {stopped}" in log.read_text()
+
+    s = json.loads((d / "summary.json").read_text())
+    rows = {row["stage"]: row for row in s["stages"]}
+    assert s["pipeline"]["state"] == "done" and s["pipeline"]["group"] == "demo"
+    assert all(row["status"] in ("done", "skipped") and row["wall_s"] > 0 for row in rows.values()), rows
+    assert rows["shards"]["metrics"]["train tokens"] > 1_000_000
+    pre = rows["pretrain"]
+    assert 0 < pre["metrics"]["val loss"] < 8.4 and 0 < pre["metrics"]["bpb"] < 4.5  # below uniform (ln 4096 = 8.3)
+    assert 0 <= pre["metrics"]["exact-match"] <= 1
+    assert pre["checkpoint"] == f"{d}/pretrain/checkpoints/last.ckpt" and Path(pre["checkpoint"]).is_file()
+    assert (Path(pre["hf"]) / "config.json").is_file()
+    assert pre["wandb"]["mode"] == "offline" and Path(pre["wandb"]["path"]).is_dir()
+    assert f"{d}/pretrain/plots/loss.png" in pre["plots"]
+    assert "ROMEO:" in rows["sample"]["transcript"]
+    # The training stages' W&B runs share the group; each recipe after pretraining started from the
+    # checkpoint of the stage it names (`--init_from`), recorded by the run as its parent.
+    from gpt.run import checkpoint_meta
+    import yaml as _yaml
+    for name, row in rows.items():
+        if row["checkpoint"]:
+            config_yaml = _yaml.safe_load((d / name / "config.yaml").read_text())
+            assert config_yaml["group"] == "demo"
+            parent = (checkpoint_meta(row["checkpoint"]).get("run") or {}).get("parent")
+            if name != "pretrain":
+                assert parent == str(Path(config_yaml["init_from"]).resolve())
+                assert config_yaml["init_from"] in [rows[u]["checkpoint"] for u in rows]
+    md = (d / "summary.md").read_text()
+    assert "| pretrain | done |" in md and "![loss](pretrain/plots/loss.png)" in md
