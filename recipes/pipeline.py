@@ -1,9 +1,9 @@
-"""The whole pipeline as one command: tokenizer -> shards -> pretrain -> SFT -> reward -> DPO -> RL -> sample, chat.
+"""The whole pipeline as one command: the stages of one YAML, e.g. tokenizer -> shards -> pretrain -> sample.
 
-    python -m recipes.pipeline --config recipes/configs/pipeline-tiny-cpu.yaml     # run, or continue (make demo)
+    python -m recipes.pipeline --config recipes/configs/pipeline-tiny-cpu.yaml     # run, or continue
     python -m recipes.pipeline --config C --dry_run            # what would run, and why
     python -m recipes.pipeline --config C --force              # every stage again
-    python -m recipes.pipeline --config C --force sft          # sft and every stage after it
+    python -m recipes.pipeline --config C --force pretrain     # pretrain and every stage after it
     python -m recipes.pipeline --config C --dir runs/try2 --group try2     # another copy of the pipeline
     slurm/pipeline.sh [sbatch options] -- C                    # the same stages as chained Slurm jobs
 
@@ -15,6 +15,14 @@ line per stage with its ETA, then the stage's own output, also in DIR/logs/NAME.
 one table (metrics, wall time, checkpoint, HF export, W&B run per stage), also written as
 DIR/summary.json and DIR/summary.md. A re-run skips the finished stages whose inputs did not
 change; Ctrl-C stops the running stage after a checkpoint, and the same command resumes it.
+A training stage after pretraining is one more entry, e.g.
+
+    - name: sft
+      recipe: sft                       # python -m recipes.sft fit --config ... --run_dir DIR/sft ...
+      config: recipes/configs/sft-tiny-cpu.yaml
+      args: [--init_from, "{pretrain.out}"]   # reading pretrain's checkpoint chains the two stages
+      metrics: [{name: val loss, csv: val/loss}]
+
 Exit status: 0, 1 when a stage failed (one line names it and its log), 2 for a bad config,
 130 when stopped.
 """
