@@ -13,7 +13,9 @@ curves (gpt.plots.plot_run). After every stage DIR/summary.json and summary.md a
 
 Progress: a line per stage with its estimate and the pipeline's ETA. A stage's estimate is its
 last completed wall time on this machine, else the YAML's estimate_s; the estimates of the
-stages still to run are scaled by how the stages that ran so far compared with theirs.
+stages still to run are scaled by how the stages that ran so far compared with theirs (shrunk
+towards 1 by a minute of prior: a 3 s tokenizer that was estimated at 20 s says little about
+a 4-minute pretraining).
 
 Stopping. Ctrl-C (or SIGTERM) stops the running stage gracefully: a recipe gets SIGUSR1 —
 slurm.requeue.RequeueOnSignal, added to every recipe the runner starts, saves last.ckpt after the
@@ -42,6 +44,7 @@ from gpt.pipeline_summary import collect, fmt_seconds, fmt_value, read_metric, t
 
 REPO = Path(__file__).resolve().parents[1]
 READY = b"RequeueOnSignal: rank 0 ready"  # printed once a recipe can take SIGUSR1 (slurm/requeue.py)
+SCALE_PRIOR_S = 60.0  # seconds of "as estimated" the ETA's scale starts from
 TRANSCRIPT_LIMIT = 20_000  # characters of a transcript stage's output kept for summary.md
 
 
@@ -123,7 +126,7 @@ class Runner:
 
     def scale(self) -> float:
         spent, estimated = self.measured
-        return min(4.0, max(0.25, spent / estimated)) if estimated > 0 else 1.0
+        return min(4.0, max(0.25, (spent + SCALE_PRIOR_S) / (estimated + SCALE_PRIOR_S)))
 
     # ---- signals ---------------------------------------------------------------------------------
     def _on_signal(self, signum: int, frame: Any) -> None:

@@ -341,3 +341,14 @@ def test_the_real_pipeline_end_to_end_with_a_ctrl_c_inside_pretraining(tmp_path)
                 assert config_yaml["init_from"] in [rows[u]["checkpoint"] for u in rows]
     md = (d / "summary.md").read_text()
     assert "| pretrain | done |" in md and "![loss](pretrain/plots/loss.png)" in md
+
+
+def test_the_eta_is_not_thrown_by_a_short_stage(tmp_path):
+    from gpt.pipeline_run import Runner
+    pipe = build([_stage(s) for s in fake_stages(tmp_path / "knob.txt")], str(tmp_path / "out"), "t")
+    runner = Runner(pipe)
+    assert runner.scale() == 1.0  # nothing measured yet: the YAML's estimates
+    runner.measured = [3.0, 20.0]  # a 3 s tokenizer estimated at 20 s...
+    assert 0.75 < runner.scale() < 1.0  # ...barely moves the estimate of a 4-minute pretraining
+    runner.measured = [600.0, 200.0]  # stages that ran 3x their estimates: the rest will too, roughly
+    assert 2.5 < runner.scale() <= 3.0
