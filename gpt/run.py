@@ -41,6 +41,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
+from gpt.checkpoint import CheckpointError
+
 RUN_FILE = "run.json"
 CONFIG_FILE = "config.yaml"
 # Model config fields that change neither a parameter's shape nor its meaning (init_std acts only
@@ -146,6 +148,8 @@ def checkpoint_meta(path: str | os.PathLike) -> dict[str, Any]:
 
             return load_meta(p)
         return torch.load(p, map_location="cpu", weights_only=True, mmap=True)
+    except CheckpointError as e:  # already names the file at fault (a shard inside a directory)
+        raise RunError(_one_line(e)) from None
     except Exception as e:
         raise RunError(f"{p}: not a readable checkpoint ({_one_line(e)})") from None
 

@@ -171,20 +171,22 @@ def test_zero3_checkpoint_feeds_gpt_export_and_sample(tmp_path, zero_runs):
 
 # ---- kills inside a save ------------------------------------------------------------------------
 # Each chain kills the run twice at different moments, resuming in between from what
-# find_resume_checkpoint picks, then lets a third run finish. Saves per run: step 5 periodic, step 5
-# last.ckpt, step 10 periodic, step 10 last.ckpt (a resumed run: only the step-10 pair).
+# find_resume_checkpoint picks, then lets a third run finish. Saves per run (1-based): at step 5
+# step=5.ckpt then last.ckpt; at the final step 10, which validates, last.ckpt then step=10.ckpt
+# (ModelCheckpoint defers its step save to the end of that validation). A run resumed at step 5
+# saves only the step-10 pair.
 KILL_CHAINS = {
     "zero2": [
         # inside last.ckpt's save at step 10: rank 1 has written half of its optimizer shard
-        ({"save": 4, "rank": 1, "moment": "partial", "file": 0}, ("last.ckpt", 5, 0)),
-        # the resumed run's step-10 periodic save: rank 0 has written its model states, rank 1 maybe not
+        ({"save": 3, "rank": 1, "moment": "partial", "file": 0}, ("last.ckpt", 5, 0)),
+        # the resumed run's step-10 last.ckpt save: rank 0 has written its model states, rank 1 maybe not
         ({"save": 1, "rank": 0, "moment": "after", "file": 0}, ("last.ckpt", 5, 0)),
     ],
     "zero3": [
         # the first last.ckpt (step 5): every rank's files written, nothing published: no last.ckpt at all
-        ({"save": 2, "rank": 0, "moment": "commit"}, ("epoch=0-step=5.ckpt", 5, 2)),
-        # the resumed run's step-10 periodic save: rank 1 has written half of its model states
-        ({"save": 1, "rank": 1, "moment": "partial", "file": 0}, ("epoch=0-step=5.ckpt", 5, 2)),
+        ({"save": 2, "rank": 0, "moment": "commit"}, ("step=5.ckpt", 5, 2)),
+        # the resumed run's step-10 last.ckpt save: rank 1 has written half of its model states
+        ({"save": 1, "rank": 1, "moment": "partial", "file": 0}, ("step=5.ckpt", 5, 2)),
     ],
 }
 
