@@ -4,6 +4,7 @@
                --max_new_tokens 200 --temperature 0.8 --top_k 200 --seed 1337
     gpt export --checkpoint runs/x/checkpoints/last.ckpt --out exports/x --format hf
     gpt eval   --checkpoint exports/x --data runs/demo/shards --split val --json eval.json
+    gpt score  --checkpoint runs/demo/reward/checkpoints/last.ckpt --prompt "What is 2 + 3?" --response "5"
     python -m gpt sample --help
 
 A checkpoint is any kind gpt.checkpoint.load_model knows: a Lightning .ckpt, a DeepSpeed
@@ -184,7 +185,9 @@ def eval_(checkpoint: str, data: str, split: str = "val", block_size: Optional[i
         log_wandb(result, wandb_project, wandb_group, wandb_dir)
 
 
-COMMANDS: list[Callable[..., None]] = [sample, export, eval_]
+from gpt.score_cli import score  # noqa: E402  (gpt score: a reward model's scores)
+
+COMMANDS: list[Callable[..., None]] = [sample, export, eval_, score]
 
 
 # ---- parsing and the shared error handling ------------------------------------------------

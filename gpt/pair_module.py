@@ -2,7 +2,7 @@
 
     class RewardModule(PairModule):
         STATS = ("loss", "accuracy", ...)                  # names of the per-pair sums pair_stats returns
-        def pair_stats(self, batch): return losses, stats  # (B,) losses, (len(STATS),) sums over pairs
+        def pair_stats(self, batch, split): return losses, stats  # (B,) losses, (len(STATS),) per-pair sums
         def metrics(self, sums, pairs, prefix): ...        # sums over the global batch -> logged values
 
 A gpt.lm.CausalLMModule (the model, optimizer, schedule, checkpoint metadata, --init_from of the
@@ -32,10 +32,11 @@ class PairModule(CausalLMModule):
             self.flops_per_batch *= 2  # a micro-batch of m pairs is 2m rows
         self._train_sums = self._zeros()
         self._val_sums = self._zeros()
+        self._micro_batches = 0  # since the last optimizer step
 
     # ---- subclasses ---------------------------------------------------------------------
-    def pair_stats(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(per-pair losses (B,) with grad, per-pair sums (len(STATS),) detached)."""
+    def pair_stats(self, batch: dict[str, torch.Tensor], split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(per-pair losses (B,) with grad, per-pair sums (len(STATS),) detached) of a train or val batch."""
         raise TypeError(f"{type(self).__name__} must define pair_stats")
 
     def metrics(self, sums: list[float], pairs: float, prefix: str) -> dict[str, float]:
@@ -43,10 +44,11 @@ class PairModule(CausalLMModule):
 
     # ---- training -----------------------------------------------------------------------
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        losses, stats = self.pair_stats(batch)
+        losses, stats = self.pair_stats(batch, "train")
         A, W = self.trainer.accumulate_grad_batches, self.trainer.world_size
         pairs = batch.get("num_pairs_global")
         pairs = losses.numel() * A * W if pairs is None else int(pairs.reshape(-1)[0])
+        self._micro_batches += 1
         self._train_sums = self._train_sums.to(losses.device) + torch.cat(
             [stats.double(), torch.tensor([losses.numel()], dtype=torch.float64, device=losses.device)])
         # NonFiniteGuard reads _step_loss: this rank's share of the global mean loss.
@@ -57,6 +59,9 @@ class PairModule(CausalLMModule):
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Once per optimizer step: the global batch's metrics (one reduce over ranks)."""
+        if self._micro_batches < self.trainer.accumulate_grad_batches:
+            return  # DeepSpeed accumulates itself: Lightning calls this hook after every micro-batch
+        self._micro_batches = 0
         sums = self.trainer.strategy.reduce(self._train_sums, reduce_op="sum").tolist()
         pairs = max(sums[-1], 1.0)
         for k, v in self.metrics(sums[:-1], pairs, "train").items():
@@ -73,7 +78,7 @@ class PairModule(CausalLMModule):
         self._val_sums = self._zeros()
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        losses, stats = self.pair_stats(batch)
+        losses, stats = self.pair_stats(batch, "val")
         self._val_sums += torch.cat([stats.double(), torch.tensor([losses.numel()], dtype=torch.float64,
                                                                    device=self._val_sums.device)])
 

@@ -67,6 +67,8 @@ def csv_metrics(root: Path, key: str) -> dict[int, float]:
     """`key` by step from the CSVLogger files under root (every version, later ones overwrite)."""
     out: dict[int, float] = {}
     for v in sorted((root / "csv").glob("version_*"), key=lambda p: int(p.name.split("_")[1])):
+        if not (v / "metrics.csv").is_file():  # a run that stopped before logging
+            continue
         with open(v / "metrics.csv") as f:
             for row in csv.DictReader(f):
                 if row.get(key) not in (None, ""):
