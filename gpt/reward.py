@@ -209,7 +209,7 @@ class RewardModule(PairModule):
         """A RewardModel view of this module's backbone and head (shared weights, not a copy)."""
         return RewardModel(self.config, self.model, self.reward_head)
 
-    def pair_stats(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def pair_stats(self, batch: dict[str, torch.Tensor], split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
         rewards = read_rewards(self.model, self.reward_head, batch["input_ids"], batch["last_index"],
                                batch.get("position_ids"), batch.get("attn_mask"))
         chosen, rejected = rewards.chunk(2)
