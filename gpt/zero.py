@@ -113,6 +113,12 @@ class ZeroStrategy(DeepSpeedStrategy):
                 with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
                     module.init_parameter(name, p)
 
+    def backward(self, closure_loss: torch.Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        # Lightning has already divided each micro-batch's loss by accumulate_grad_batches; DeepSpeed's
+        # engine.backward divides by gradient_accumulation_steps again unless told not to, which made
+        # gradients 1/A^2 of DDP's (and gradient clipping act on them) whenever A > 1.
+        return super().backward(closure_loss, optimizer, *args, scale_wrt_gas=False, **kwargs)
+
     @property
     def root_device(self) -> torch.device:
         if self._on_cpu():
