@@ -14,7 +14,8 @@ task's checker (gpt.demo_task.check), and up to `pairs_per_prompt` pairs are for
              off_by_one (a number +-1, a list one word short, the neighbouring word), wrong_value
              (the right format with another value: the other number, the words in another order,
              another word) or no_answer (a reply without the value).
-Every kind is counted in DIR/summary.json and printed.
+Every kind is counted in DIR/summary.json and printed. A reply holding a control token as text
+(the model emitted <|user|>, say) cannot be a chat turn: it is counted and left out.
 
 Prompts. Training pairs come from the task's train split with `seed` (pick one the SFT data did
 not use for fresh rows; the values and phrasings are the train split's), checked against the
@@ -40,6 +41,7 @@ from typing import Any, Optional, Sequence
 
 from data_prep.make_demo_task import write_jsonl
 from gpt.demo_task import WORDS, check, make_rows, normalize, prompt_messages
+from gpt.tokenizer import SPECIAL_TOKENS
 
 NO_ANSWERS = ("I don't know.", "I am not sure.", "I cannot answer that.", "Let me think about it.")
 SYNTHETIC = ("off_by_one", "wrong_value", "no_answer")
@@ -94,10 +96,17 @@ def synthetic_negative(row: dict, rng: random.Random) -> tuple[str, str]:
 def pair_rows(rows: Sequence[dict], replies: Sequence[Sequence[str]], rng: random.Random,
               pairs_per_prompt: int = 1) -> tuple[list[dict], Counter]:
     """Preference rows from each prompt's sampled replies (see the module docstring), and the counts."""
-    out, counts = [], Counter()
+    out = []
+    counts = Counter({k: 0 for k in ("samples", "samples_correct", "prompts_all_correct", "prompts_none_correct",
+                                     "samples_with_special_tokens", "chosen_sampled", "chosen_reference",
+                                     "rejected_sampled",
+                                     *(f"rejected_{k}" for k in SYNTHETIC))})
     for row, texts in zip(rows, replies):
         right, wrong = {}, {}
         for t in texts:  # distinct replies (after the checker's normalization), first spelling kept
+            if any(s in t for s in SPECIAL_TOKENS):  # a control token the template refuses as text: never a turn
+                counts["samples_with_special_tokens"] += 1
+                continue
             (right if check(row, t) else wrong).setdefault(normalize(t), t)
         counts["samples"] += len(texts)
         counts["samples_correct"] += sum(check(row, t) for t in texts)
