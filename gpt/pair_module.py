@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from gpt.lm import CausalLMModule, total_grad_norm
+from gpt.lm import CausalLMModule, log_at_step, total_grad_norm
 
 
 class PairModule(CausalLMModule):
@@ -86,5 +86,4 @@ class PairModule(CausalLMModule):
         sums = self.trainer.strategy.reduce(self._val_sums, reduce_op="sum").tolist()
         if sums[-1] == 0:
             return
-        for k, v in self.metrics(sums[:-1], sums[-1], "val").items():
-            self.log(k, v, prog_bar=k in ("val/loss", "val/accuracy"), rank_zero_only=True)
+        log_at_step(self, self.metrics(sums[:-1], sums[-1], "val"))

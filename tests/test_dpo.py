@@ -99,7 +99,7 @@ def test_first_step_loss_is_log2_and_trl_metrics(run):
     assert csv_metrics(root, "rewards/chosen")[0] == pytest.approx(0.0, abs=1e-5)
     for key in METRICS:
         assert sorted(csv_metrics(root, key)) == list(range(6)), key
-        assert sorted(csv_metrics(root, "val/" + key)) == [2, 5], key
+        assert sorted(csv_metrics(root, "val/" + key)) == [3, 6], key  # at the optimizer step, as the checkpoint
     m = {k: csv_metrics(root, k)[4] for k in ("rewards/chosen", "rewards/rejected", "rewards/margins")}
     assert m["rewards/margins"] == pytest.approx(m["rewards/chosen"] - m["rewards/rejected"], abs=1e-6)
     assert csv_metrics(root, "logps/chosen")[0] < 0
@@ -154,5 +154,5 @@ def test_margins_rise_on_demo_pairs(tmp_path, pairs_dir, tok, tok_path):
     val = csv_metrics(tmp_path, "val/rewards/margins")
     train = csv_metrics(tmp_path, "rewards/margins")
     print(f"val margins {val}, train margins first/last {train[0]:.3f}/{train[23]:.3f}")
-    assert 0 < val[11] < val[23]
-    assert csv_metrics(tmp_path, "val/rewards/accuracies")[23] >= 0.75
+    assert 0 < val[12] < val[24]
+    assert csv_metrics(tmp_path, "val/rewards/accuracies")[24] >= 0.75
