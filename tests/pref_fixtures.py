@@ -3,6 +3,7 @@
     from tests.pref_fixtures import demo_pair_rows, write_pairs_dir, tiny_config, make_trainer, csv_metrics
     rows = demo_pair_rows(200, "train", seed=1)            # explicit-prompt pairs: answer vs hard negative
     pairs_dir = write_pairs_dir(tmp, tok_path, train=rows, val=demo_pair_rows(40, "val"))
+    pref_recipe("dpo", write_pref_config(tmp / "c.yaml", tmp / "run", pairs_dir, tok_path, vocab_size))  # a recipe run
 """
 from __future__ import annotations
 
@@ -74,3 +75,50 @@ def csv_metrics(root: Path, key: str) -> dict[int, float]:
                 if row.get(key) not in (None, ""):
                     out[int(row["step"])] = float(row[key])
     return out
+
+
+# ---- the recipes (recipes/reward.py, recipes/dpo.py) as a user runs them ----------------------------------
+def write_pref_config(path: Path, run_dir: Path, pairs_dir: Path, tokenizer: Path, vocab_size: int, *,
+                      max_steps: int = 6, micro_batch_size: int = 2, accumulate: int = 2, devices: int = 2,
+                      checkpoint_every: int = 3, val_every: Optional[int] = None, strategy: Any = None,
+                      model_args: Optional[dict] = None, callbacks: Optional[list[dict]] = None) -> Path:
+    """A tiny fp32 reward/DPO recipe config (the same keys serve both recipes but model_args)."""
+    import yaml
+
+    cfg = {
+        "run_dir": str(run_dir), "group": "test", "wandb": False, "checkpoint_every": checkpoint_every,
+        "keep_checkpoints": -1, "val_every": val_every or max_steps, "seed_everything": 1234,
+        "trainer": {
+            "accelerator": "cpu", "devices": devices, "num_nodes": 1, "precision": "32-true",
+            "strategy": strategy or ("ddp" if devices > 1 else "auto"), "max_steps": max_steps,
+            "accumulate_grad_batches": accumulate, "gradient_clip_val": 1.0, "log_every_n_steps": 1,
+            "enable_progress_bar": False, "plugins": [{"class_path": "gpt.checkpoint_io.AtomicCheckpointIO"}],
+            "callbacks": [{"class_path": "gpt.callbacks.NonFiniteGuard"}, *(callbacks or [])],
+        },
+        "model": {"preset": "tiny", "model_config": tiny_config(vocab_size), "lr": 1e-2, "warmup_steps": 2,
+                  **(model_args or {})},
+        "data": {"data_dir": str(pairs_dir), "tokenizer": str(tokenizer), "block_size": 128,
+                 "micro_batch_size": micro_batch_size, "seed": 7, "val_pairs": 8},
+    }
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def pref_recipe(stage: str, config: Path, *extra: str, timeout: int = 900, check: bool = True, wait: bool = True):
+    """Run `python -m recipes.<stage> --config CONFIG ...` (Popen when wait is False, in its own session)."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.pretrain_fixtures import ROOT, recipe_env
+
+    env = {**recipe_env(), "TORCH_EXTENSIONS_DIR": os.environ.get(
+        "TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "gpt-pipeline" / "torch_extensions"))}
+    cmd = [sys.executable, "-m", f"recipes.{stage}", "--config", str(config), *extra]
+    if not wait:
+        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and p.returncode != 0:
+        raise AssertionError(f"recipes.{stage} failed (rc {p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}")
+    return p
