@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from gpt.flops import flops_per_token
 from gpt.lm import CausalLMModule, log_at_step, total_grad_norm
 
 
@@ -28,8 +29,7 @@ class PairModule(CausalLMModule):
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
-        if self.flops_per_batch is not None:
-            self.flops_per_batch *= 2  # a micro-batch of m pairs is 2m rows
+        self._step_flops = 0.0  # of this step's micro-batches so far
         self._train_sums = self._zeros()
         self._val_sums = self._zeros()
         self._micro_batches = 0  # since the last optimizer step
@@ -49,6 +49,7 @@ class PairModule(CausalLMModule):
         pairs = batch.get("num_pairs_global")
         pairs = losses.numel() * A * W if pairs is None else int(pairs.reshape(-1)[0])
         self._micro_batches += 1
+        self._count_flops(batch["input_ids"].shape)
         self._train_sums = self._train_sums.to(losses.device) + torch.cat(
             [stats.double(), torch.tensor([losses.numel()], dtype=torch.float64, device=losses.device)])
         # NonFiniteGuard reads _step_loss: this rank's share of the global mean loss.
@@ -56,6 +57,16 @@ class PairModule(CausalLMModule):
         if "num_targets_global" in batch and batch_idx % A == 0:  # reply tokens of the global batch, once a step
             self.tokens_seen += int(batch["num_targets_global"])
         return losses.sum() * (A * W) / pairs
+
+    def _count_flops(self, shape: torch.Size) -> None:
+        """flops_per_batch (read by RunMonitor after each optimizer step, times A): the mean of this step's
+        micro-batches at their padded length. Pair rows are padded to the batch's longest row, far
+        shorter than block_size, so the block_size count CausalLMModule.setup makes would overstate MFU."""
+        rows, T = shape
+        if self._micro_batches == 1:
+            self._step_flops = 0.0
+        self._step_flops += flops_per_token(self.config, T) * rows * T
+        self.flops_per_batch = self._step_flops / self._micro_batches
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Once per optimizer step: the global batch's metrics (one reduce over ranks)."""

@@ -91,6 +91,19 @@ def test_one_forward_per_micro_batch(run):
     assert calls == 12 + 6 + 12 + 2 * 6
 
 
+def test_flops_count_the_padded_rows_of_the_step(run, pairs_dir, tok_path):
+    """MFU's FLOPs: the last step's 2 micro-batches of 2 pairs (4 rows) at their padded length, not block_size."""
+    from gpt.flops import flops_per_token
+
+    module = run[0]
+    dm = _dm(pairs_dir, tok_path, 2)
+    dm._open()
+    shapes = [dm.collate([dm.train[i] for i in ids])["input_ids"].shape for ids in ([20, 21], [22, 23])]
+    want = sum(flops_per_token(module.config, T) * R * T for R, T in shapes) / 2
+    assert module.flops_per_batch == pytest.approx(want, rel=1e-12)
+    assert max(T for _, T in shapes) < 128 / 2  # the block_size count would be more than twice as large
+
+
 def test_first_step_loss_is_log2_and_trl_metrics(run):
     _, root, _, _ = run
     loss = csv_metrics(root, "train/loss")
