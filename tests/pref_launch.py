@@ -22,6 +22,21 @@ ROOT = Path(__file__).resolve().parents[1]
 MODEL = {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 128}
 
 
+class SaveLiveScores(Callback):
+    """At the end of fit (rank 0): the reward model's scores of the first val batch, for a loader to match."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        dm = trainer.datamodule
+        batch = {k: v.to(pl_module.device) for k, v in dm.collate([dm.val[i] for i in range(4)]).items()}
+        with torch.no_grad():
+            scores = pl_module.reward_model().score(batch["input_ids"], batch["last_index"]).cpu()
+        if trainer.is_global_zero:
+            torch.save(scores, self.path)
+
+
 class SlowDown(Callback):
     def __init__(self, seconds: float):
         self.seconds = seconds
@@ -76,7 +91,8 @@ def main() -> None:
                         num_sanity_val_steps=0, log_every_n_steps=1, use_distributed_sampler=False,
                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=a.out,
                         logger=CSVLogger(a.out, name="csv"),
-                        callbacks=[ckpt] + ([SlowDown(a.slow)] if a.slow else []))
+                        callbacks=[ckpt] + ([SlowDown(a.slow)] if a.slow else [])
+                        + ([SaveLiveScores(os.path.join(a.out, "scores.pt"))] if a.stage == "reward" else []))
     torch.set_num_threads(1)
     trainer.fit(module, dm, ckpt_path=a.ckpt_path)
 

@@ -3,6 +3,7 @@ same numbers), training runs one forward per micro-batch, the loss starts at log
 metric names are logged, the table rides in checkpoints so a resume neither recomputes it nor starts without
 it, and on demo-task pairs the margins rise."""
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -169,3 +170,74 @@ def test_margins_rise_on_demo_pairs(tmp_path, pairs_dir, tok, tok_path):
     print(f"val margins {val}, train margins first/last {train[0]:.3f}/{train[23]:.3f}")
     assert 0 < val[12] < val[24]
     assert csv_metrics(tmp_path, "val/rewards/accuracies")[24] >= 0.75
+
+
+# ---- 2 CPU processes: DDP and DeepSpeed ZeRO-2/3 (gpt.zero), kill -9 and resume ------------------------------
+def _launch(tmp, pairs_dir, tok_path, strategy, *extra, stage="dpo", wait=True):
+    import os
+    import subprocess
+    import sys
+
+    from tests.pretrain_fixtures import ROOT, recipe_env
+
+    env = {**recipe_env(), "TORCH_EXTENSIONS_DIR": os.environ.get(
+        "TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "gpt-pipeline" / "torch_extensions"))}
+    cmd = [sys.executable, "-m", "tests.pref_launch", "--stage", stage, "--strategy", strategy, "--data", str(pairs_dir),
+           "--tokenizer", str(tok_path), "--out", str(tmp), *extra]
+    if not wait:
+        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-4000:]
+    return tmp
+
+
+@pytest.fixture(scope="module")
+def strategies(tmp_path_factory, pairs_dir, tok_path):
+    """6 steps of 8 pairs (2 ranks x 2 pairs x 2 accumulated) per strategy, trained on first use."""
+    runs = {}
+
+    def get(name):
+        if name not in runs:
+            runs[name] = _launch(tmp_path_factory.mktemp(name), pairs_dir, tok_path, name)
+        return runs[name]
+    return get
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["zero2", "zero3"])
+def test_zero_losses_equal_ddp(strategies, stage):
+    ddp, zero = strategies("ddp"), strategies(stage)
+    for key in ("train/loss", "rewards/margins", "logps/chosen", "logps/rejected", "val/loss", "val/rewards/margins"):
+        want, got = csv_metrics(ddp, key), csv_metrics(zero, key)
+        assert sorted(got) == sorted(want) and want, key
+        assert max(abs(got[s] - want[s]) for s in want) <= 1e-5, (key, want, got)
+    assert csv_metrics(ddp, "train/loss")[0] == pytest.approx(math.log(2), abs=1e-6)
+    assert (zero / "checkpoints" / "last.ckpt" / "latest").is_file()  # a DeepSpeed checkpoint directory
+
+
+@pytest.mark.slow
+def test_zero3_kill_9_then_resume_is_exact(strategies, tmp_path, pairs_dir, tok_path):
+    """ZeRO-3, killed (SIGKILL, both ranks) after its step-3 checkpoint: the resumed run reads the reference
+    table from the DeepSpeed checkpoint and repeats steps 3-5 of the uninterrupted run exactly."""
+    import os
+    import signal
+    import time
+
+    full = strategies("zero3")
+    p = _launch(tmp_path, pairs_dir, tok_path, "zero3", "--slow", "1.0", wait=False)
+    ckpt = tmp_path / "checkpoints" / "epoch=0-step=3.ckpt"
+    deadline = time.time() + 600
+    while not (ckpt / "latest").is_file() and p.poll() is None and time.time() < deadline:
+        time.sleep(0.5)
+    assert (ckpt / "latest").is_file(), "no step-3 checkpoint before the run ended"
+    time.sleep(2.0)
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
+    assert not (tmp_path / "checkpoints" / "epoch=0-step=6.ckpt").exists()
+    _launch(tmp_path, pairs_dir, tok_path, "zero3", "--ckpt_path", str(ckpt))
+    resumed, want = csv_metrics(tmp_path, "train/loss"), csv_metrics(full, "train/loss")
+    assert {3, 4, 5} <= set(resumed)  # the killed run never flushed its CSV; the resumed one starts at step 3
+    assert all(resumed[s] == want[s] for s in (3, 4, 5)), (resumed, want)
+    log = csv_metrics(tmp_path, "rewards/margins")
+    assert all(log[s] == csv_metrics(full, "rewards/margins")[s] for s in (3, 4, 5))
