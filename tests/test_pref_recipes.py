@@ -64,12 +64,12 @@ def tok():
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory, tok) -> Path:
-    """Demo-task pairs (DPO: 48 train, 16 held-out val; reward model: 160 and 40) and a starting model
+    """Demo-task pairs (DPO: 48 train, 16 held-out val; reward model: 480 and 40) and a starting model
     (the --init_from export)."""
     d = tmp_path_factory.mktemp("pref_recipes")
     tok.save(d / "tokenizer.json")
     write_pairs_dir(d, d / "tokenizer.json", demo_pair_rows(48, "train", seed=1), demo_pair_rows(16, "val", seed=2))
-    write_pairs_dir(d / "rm", d / "tokenizer.json", demo_pair_rows(160, "train", seed=1),
+    write_pairs_dir(d / "rm", d / "tokenizer.json", demo_pair_rows(480, "train", seed=1),
                     demo_pair_rows(40, "val", seed=2))
     torch.manual_seed(0)
     save_model(GPT(GPTConfig.from_preset("tiny", **tiny_config(tok.vocab_size))), d / "init", tokenizer=tok)
