@@ -127,6 +127,30 @@ class ZeroStrategy(DeepSpeedStrategy):
                 with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
                     module.init_parameter(name, p)
 
+    def setup(self, trainer: Any) -> None:
+        if self.zero_stage_3:
+            self._register_head_weights()
+        super().setup(trainer)
+
+    def _register_head_weights(self) -> None:
+        """GPT.forward multiplies by lm_head.weight itself (a slice of it: padded vocab rows are never
+        scored) instead of calling lm_head, so ZeRO-3's per-module hooks would never gather it: a
+        partitioned head is an empty tensor there. Registered as the GPT's external parameter, it is
+        gathered for every GPT forward (training, the DPO reference pass, generation)."""
+        from deepspeed.runtime.zero.partition_parameters import register_external_parameter
+
+        from gpt.model import GPT
+
+        for module in self.lightning_module.modules():
+            if isinstance(module, GPT):
+                register_external_parameter(module, module.lm_head.weight)
+
+    def backward(self, closure_loss: torch.Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        # Lightning has already divided each micro-batch's loss by accumulate_grad_batches; DeepSpeed's
+        # engine.backward divides by gradient_accumulation_steps again unless told not to, which made
+        # gradients 1/A^2 of DDP's (and gradient clipping act on them) whenever A > 1.
+        return super().backward(closure_loss, optimizer, *args, scale_wrt_gas=False, **kwargs)
+
     @property
     def root_device(self) -> torch.device:
         if self._on_cpu():
