@@ -172,12 +172,14 @@ class GPT(nn.Module):
 
     def forward(self, idx: torch.Tensor, *, position_ids: Optional[torch.Tensor] = None,
                 attn_mask: Optional[torch.Tensor] = None, cache: Optional[KVCache] = None,
-                last_only: bool = False) -> torch.Tensor:
+                last_only: bool = False, hidden: bool = False) -> torch.Tensor:
         """Logits over the real (unpadded) vocabulary, shape (B, T, vocab_size).
 
         position_ids: (B, T) or (T,), defaults to cache.pos + arange(T).
         attn_mask: bool, broadcastable to (B, 1, T, S) where S = keys incl. the cache prefix.
         last_only: return logits for the last position only, (B, 1, V): prefill needs no more.
+        hidden: return the final (normed) hidden states, (B, T, n_embd), instead of logits: what a
+            reward or value head reads (gpt/reward.py).
         """
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
@@ -208,6 +210,8 @@ class GPT(nn.Module):
         if last_only:
             x = x[:, -1:]
         x = self.norm_f(x)
+        if hidden:
+            return x
         # Only the first vocab_size rows: padded rows are never scored, so never sampled,
         # and the slice of a row-major weight is contiguous (no copy).
         w = self.lm_head.weight[: self.config.vocab_size]
