@@ -212,6 +212,8 @@ def _load_deepspeed(d: Path) -> tuple[GPT, Any]:
     from gpt.zero import load_consolidated
 
     state, meta = load_consolidated(d)
+    heads = tuple(f"{h}." for h in meta.get("heads") or ())  # e.g. a reward model's head: not the GPT's
+    state = {k: v for k, v in state.items() if not k.startswith(heads)} if heads else state
     return build_model(d, _config(d, meta["model_config"]), state), _tokenizer_str(d, meta.get("tokenizer"))
 
 

@@ -125,7 +125,8 @@ class CausalLMModule(L.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
-        opt = build_optimizer(self.model, lr=hp.lr, weight_decay=hp.weight_decay, betas=hp.betas, eps=hp.eps,
+        # Every parameter of the module: a stage may add heads beside self.model (gpt/reward.py).
+        opt = build_optimizer(self, lr=hp.lr, weight_decay=hp.weight_decay, betas=hp.betas, eps=hp.eps,
                               cpu_offload=getattr(self.trainer.strategy, "offloads_optimizer", False))
         schedule = LRSchedule(hp.schedule, hp.warmup_steps, max(1, self.trainer.max_steps), hp.min_lr_ratio,
                               hp.decay_fraction)

@@ -1,0 +1,90 @@
+"""gpt score (gpt/score_cli.py): one pair from the options and JSONL rows in TRL's shapes score exactly what
+RewardModel.score_texts gives; bad input is one line with status 2 and writes nothing."""
+import json
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from gpt.checkpoint import load_model, save_model
+from gpt.cli import main
+from gpt.pair_data import PairDataModule
+from gpt.reward import RewardModule, load_reward_model
+from tests.chat_fixtures import shakespeare_tokenizer
+from tests.pref_fixtures import demo_pair_rows, make_trainer, tiny_config, write_pairs_dir
+
+Q = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2 + 3?"}]
+
+
+@pytest.fixture(scope="module")
+def rm_ckpt(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("score")
+    tok = shakespeare_tokenizer()
+    tok_path = tok.save(tmp / "tokenizer.json")
+    pairs = write_pairs_dir(tmp, tok_path, demo_pair_rows(24, "train"), demo_pair_rows(4, "val", seed=2))
+    torch.manual_seed(0)
+    module = RewardModule(model_config=tiny_config(tok.vocab_size), tokenizer=str(tok_path), lr=1e-2)
+    ckpt = ModelCheckpoint(dirpath=str(tmp / "checkpoints"), save_last=True)
+    make_trainer(tmp / "run", max_steps=2, callbacks=[ckpt], limit_val_batches=0).fit(
+        module, PairDataModule(str(pairs), str(tok_path), block_size=128, micro_batch_size=4))
+    return tmp / "checkpoints" / "last.ckpt"
+
+
+def _run(capsys, *args):
+    with pytest.raises(SystemExit) as e:
+        main(["score", *args])
+        raise SystemExit(0)
+    out = capsys.readouterr()
+    return e.value.code, out.out, out.err
+
+
+def test_one_pair(rm_ckpt, capsys):
+    rm, tok = load_reward_model(rm_ckpt)
+    want = rm.score_texts(tok, [Q], ["5"])[0]
+    code, out, _ = _run(capsys, "--checkpoint", str(rm_ckpt), "--system", "Be brief.", "--prompt", "What is 2 + 3?",
+                        "--response", "5")
+    assert code == 0 and float(out) == pytest.approx(want, rel=1e-5)
+
+
+def test_jsonl_rows(rm_ckpt, tmp_path, capsys):
+    rm, tok = load_reward_model(rm_ckpt)
+    rows = [{"prompt": "What is 2 + 3?", "response": "5", "id": 1},
+            {"prompt": Q, "completion": "6", "id": 2},
+            {"messages": Q + [{"role": "assistant", "content": "I don't know."}], "id": 3}]
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows) + "\n")
+    code, _, err = _run(capsys, "--checkpoint", str(rm_ckpt), "--input", str(src), "--output", str(tmp_path / "o.jsonl"),
+                        "--batch-size", "2")
+    assert code == 0 and "3 rows" in err
+    got = [json.loads(line) for line in (tmp_path / "o.jsonl").read_text().splitlines()]
+    want = rm.score_texts(tok, [[Q[1]], Q, Q], ["5", "6", "I don't know."])
+    assert [{k: v for k, v in g.items() if k != "score"} for g in got] == rows
+    assert [g["score"] for g in got] == pytest.approx(want, rel=1e-5)
+    code, out, _ = _run(capsys, "--checkpoint", str(rm_ckpt), "--input", str(src))  # stdout
+    assert [json.loads(line)["id"] for line in out.splitlines()] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("row, message", [
+    ('{"prompt": "q"}', "in.jsonl:2: expected 'prompt' and 'response' (or 'completion'), or 'messages'; got prompt"),
+    ('{"prompt": "q", "response": 5}', "in.jsonl:2: field 'response' is int, not a string"),
+    ('{"messages": [{"role": "user", "content": "q"}]}', "in.jsonl:2: message 0: the conversation must end with an "
+                                                         "assistant turn"),
+    ('{"prompt": [{"role": "bot", "content": "q"}], "response": "a"}', "in.jsonl:2: message 0: role 'bot' is not one"),
+    ("not json", "in.jsonl:2: not JSON"),
+])
+def test_bad_rows_are_one_line(rm_ckpt, tmp_path, capsys, row, message):
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"prompt": "q", "response": "a"}\n' + row + "\n")
+    code, out, err = _run(capsys, "--checkpoint", str(rm_ckpt), "--input", str(src), "--output", str(tmp_path / "o.jsonl"))
+    assert code == 2 and err.startswith("gpt: error: ") and message in err and err.count("\n") == 1
+    assert not (tmp_path / "o.jsonl").exists() and list(tmp_path.iterdir()) == [src]
+
+
+def test_bad_usage_is_one_line(rm_ckpt, tmp_path, capsys):
+    code, _, err = _run(capsys, "--checkpoint", str(rm_ckpt), "--prompt", "q")
+    assert code == 2 and "--response is missing" in err
+    code, _, err = _run(capsys, "--checkpoint", str(rm_ckpt), "--prompt", "q", "--response", "a", "--input", "x.jsonl")
+    assert code == 2 and "give --prompt and --response, or --input FILE (not both)" in err
+    lm = save_model(load_model(rm_ckpt)[0], tmp_path / "lm", shakespeare_tokenizer())
+    code, _, err = _run(capsys, "--checkpoint", str(lm), "--prompt", "q", "--response", "a")
+    assert code == 2 and "not a reward model" in err and err.count("\n") == 1
