@@ -225,13 +225,16 @@ class RLModule(L.LightningModule):
             self.critic = self._build_critic()
 
     def _build_critic(self) -> torch.nn.Module:
+        """PPO's critic: a reward model's backbone and head (per token), trained; dropout off."""
         from gpt.reward import RewardModel, load_reward_model
 
         source = self.hparams.critic or self.hparams.reward_model
         if source:
             rm, _ = load_reward_model(source)
-            return RewardModel(rm.config, rm.backbone, rm.head).train()
-        critic = RewardModel(self.config)
+            critic = RewardModel(GPTConfig.from_dict({**rm.config.to_dict(), "dropout": 0.0}))
+            critic.load_state_dict(rm.state_dict())
+            return critic
+        critic = RewardModel(self.config)  # no reward model: the policy's weights and a zero head
         critic.backbone.load_state_dict(self.model.state_dict())
         torch.nn.init.zeros_(critic.head.weight)
         return critic
@@ -416,9 +419,8 @@ class RLModule(L.LightningModule):
         t1 = time.perf_counter()
         stats = self.optimize(exp, rollout)
         t2 = time.perf_counter()
-        if self.kl is not None:  # the rollout's KL to the reference, per response (k1, nats)
-            n = self.trainer.world_size * exp.ro.size
-            self.kl.update(stats["rollout_kl"] / n, n)
+        if self.kl is not None:  # the rollout's KL to the reference, per response
+            self.kl.update(stats["rollout_kl"], int(stats["responses"]))
         self.log_rollout(exp, stats, rollout, rollout_s=t1 - t0, train_s=t2 - t1)
 
     def optimize(self, exp: Experience, rollout: int) -> dict[str, float]:
@@ -455,10 +457,17 @@ class RLModule(L.LightningModule):
                 if sched is not None:
                     sched.step()
                 sums[_OPT_STATS.index("loss")] += self._step_loss.double()
+        out = dict(zip(_OPT_STATS, self.trainer.strategy.reduce(sums, reduce_op="sum").tolist()))
+        # The rollout's KL to the reference per response (sum of k1 over its tokens, nats): from the
+        # sampled policy's log-probs, or with one pass (no old log-probs kept) from that pass.
         if exp.old_logp is not None:
-            sums[_OPT_STATS.index("rollout_kl")] = (kl_estimate(exp.old_logp, exp.ref_logp, "k1")
-                                                    * exp.ro.response_mask).sum()
-        return dict(zip(_OPT_STATS, self.trainer.strategy.reduce(sums, reduce_op="sum").tolist()))
+            local = torch.stack([(kl_estimate(exp.old_logp, exp.ref_logp, "k1") * exp.ro.response_mask).sum(),
+                                 torch.tensor(float(N), device=self.device)]).double()
+            kl_sum, n = self.trainer.strategy.reduce(local, reduce_op="sum").tolist()
+        else:
+            kl_sum, n = out["kl_sum"], out["n_sequences"]
+        out.update(rollout_kl=kl_sum / max(n, 1.0), responses=n)
+        return out
 
     def loss_on(self, exp: Experience, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Loss sum on rows idx of a rollout, and their statistics (as _OPT_STATS sums)."""
@@ -520,7 +529,7 @@ class RLModule(L.LightningModule):
         w = max(stats["weight"], 1e-8)
         metrics = {"train/reward": r / n, "train/reward_std": std(r, r2), "train/response_length": length / n,
                    "train/ended": ended / n, "train/truncated": trunc / n,
-                   "train/kl": stats["kl_sum"] / max(stats["n_sequences"], 1.0),  # per response, k1, in nats
+                   "train/kl": stats["rollout_kl"],  # per response: sum of k1 over its tokens, nats
                    "train/kl_token": stats["kl_token"] / w, "train/entropy": stats["entropy"] / w,
                    "train/clipfrac": stats["clipped"] / w, "train/approx_kl": stats["approx_kl"] / w,
                    "train/loss": stats["loss"] / (passes * self.hparams.num_minibatches),
@@ -624,4 +633,4 @@ class RLModule(L.LightningModule):
 
 
 _OPT_STATS = ("loss", "weight", "clipped", "approx_kl", "entropy", "kl_token", "kl_sum", "n_sequences",
-              "value_loss", "value_clipped", "rollout_kl")
+              "value_loss", "value_clipped")

@@ -38,7 +38,22 @@ def write_rl_inputs(out: Path, n_train: int = 64, n_val: int = 8, seed: int = 0)
         rows = make_rows(n, split, seed=0, families=["add", "compare", "copy", "first_last"])
         (out / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return {"sft": str(out / "sft"), "tokenizer": str(out / "tokenizer.json"), "train": str(out / "train.jsonl"),
-            "val": str(out / "val.jsonl")}
+            "val": str(out / "val.jsonl"), "rm": write_reward_model(out / "rm.ckpt")}
+
+
+def write_reward_model(path: Path, seed: int = 1) -> str:
+    """A reward model checkpoint as recipes/reward.py writes it (.ckpt), with random weights."""
+    from gpt.reward import HEAD, head_meta, make_head
+
+    torch.manual_seed(seed)
+    config = GPTConfig.from_preset("tiny", **TINY)
+    backbone, head = GPT(config), make_head(config)
+    torch.nn.init.normal_(head.weight, 0.0, 0.5)  # scores that differ between responses
+    state = {**{f"model.{k}": v for k, v in backbone.state_dict().items()},
+             **{f"{HEAD}.{k}": v for k, v in head.state_dict().items()}}
+    torch.save({"state_dict": state, "gpt": {"model_config": config.to_dict(), "tokenizer": shakespeare_tokenizer().to_str(),
+                                             "heads": {HEAD: head_meta(head)}}}, path)
+    return str(path)
 
 
 def rl_module(inputs: dict[str, str], **kw: Any):
