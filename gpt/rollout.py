@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from gpt.data import _mix64
 from gpt.generate import generate, padded_causal_mask
+from gpt.model import GPT
 from gpt.objectives import IGNORE_INDEX, token_logprobs
 
 
@@ -150,11 +151,20 @@ def forward_rollout(model: torch.nn.Module, ro: Rollout) -> torch.Tensor:
     return model(ids, position_ids=ro.position_ids[:, :-1], attn_mask=padded_causal_mask(valid, ids.size(1)))
 
 
-def response_logprobs(model: torch.nn.Module, ro: Rollout, temperature: float = 1.0,
+def response_logits(model: GPT, ro: Rollout) -> torch.Tensor:
+    """Logits (N, R, V) that predicted each response token. The head runs on the response
+    positions only (a demo prompt is several times longer than its reply); through the lm_head
+    module, so that ZeRO-3 gathers its weight as in a full forward."""
+    ids, valid = ro.input_ids[:, :-1], ro.valid[:, :-1]
+    h = model(ids, position_ids=ro.position_ids[:, :-1], attn_mask=padded_causal_mask(valid, ids.size(1)), hidden=True)
+    return model.lm_head(h[:, ro.prompt_len - 1:])[..., :model.config.vocab_size]
+
+
+def response_logprobs(model: GPT, ro: Rollout, temperature: float = 1.0,
                       with_entropy: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Per-token log-probs (N, R) of the response tokens, recomputed by a forward pass of `model`
     (fp32, 0 on padding), and optionally the entropy of each position's distribution."""
-    logits = forward_rollout(model, ro)[:, ro.prompt_len - 1:]
+    logits = response_logits(model, ro)
     if temperature != 1.0:
         logits = logits / temperature
     labels = ro.responses.masked_fill(~ro.response_mask, IGNORE_INDEX)
