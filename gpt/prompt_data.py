@@ -165,6 +165,7 @@ class PromptDataModule(L.LightningDataModule):
         self.train: Optional[Prompts] = None
         self.val: Optional[Prompts] = None
         self._restored: Optional[dict[str, Any]] = None
+        self.steps_per_rollout: Optional[int] = None  # optimizer steps per rollout (gpt.rl)
 
     def _open(self) -> None:
         self.tokenizer = Tokenizer.from_file(self.tokenizer_path)
@@ -184,12 +185,13 @@ class PromptDataModule(L.LightningDataModule):
             self.check_budget()
 
     # ---- the run ------------------------------------------------------------------------
-    def steps_per_rollout(self) -> int:
-        return int(getattr(self.trainer.lightning_module, "steps_per_rollout", 1))
+    def _steps_per_rollout(self) -> int:
+        # Told by gpt.rl.RLModule.check_run before fit; during fit the module is the trainer's.
+        return int(self.steps_per_rollout or getattr(self.trainer.lightning_module, "steps_per_rollout", 1))
 
     def rollouts(self) -> int:
         """Rollouts (training batches) of the run: trainer.max_steps optimizer steps / steps_per_rollout."""
-        steps, k = self.trainer.max_steps, self.steps_per_rollout()
+        steps, k = self.trainer.max_steps, self._steps_per_rollout()
         if steps is None or steps < 1:
             raise ValueError("RL needs trainer.max_steps >= 1 (it fixes the prompt order and lr schedule)")
         if steps % k:
@@ -231,7 +233,7 @@ class PromptDataModule(L.LightningDataModule):
             raise ValueError(f"the checkpoint was trained with {self._restored['global_batch_size']} prompts per "
                              f"rollout, this run has {self.global_batch_size} (micro_batch_size x world size); keep it "
                              "equal to resume the same prompt sequence")
-        k = self.steps_per_rollout()
+        k = self._steps_per_rollout()
         sampler = StepBatchSampler(self.micro_batch_size, 1, t.global_rank, t.world_size, total_steps=self.rollouts(),
                                    start_step=lambda: t.global_step // k)
         return DataLoader(self.train, batch_sampler=sampler, collate_fn=collate_prompts)

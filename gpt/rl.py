@@ -51,14 +51,15 @@ from typing import Any, Callable, Literal, Optional
 import lightning as L
 import torch
 from lightning.pytorch.loggers import WandbLogger
-from lightning.pytorch.utilities import rank_zero_info
 
 from gpt.chat import ChatTemplate
 from gpt.config import GPTConfig
+from gpt.lm import log_at_step
 from gpt.model import GPT
 from gpt.optim import LRSchedule, Schedule, param_groups
 from gpt.rl_losses import (AdaptiveKLController, KLEstimator, gae, group_advantages, grpo_loss, kl_estimate,
                            ppo_policy_loss, value_loss)
+from gpt.run import load_initial_weights, model_identity
 from gpt.rollout import (Rollout, derive_seed, forward_rollout, last_token_index, response_logprobs,
                          response_values, sample_rollout)
 from gpt.tokenizer import Tokenizer
@@ -78,16 +79,6 @@ def load_reward_fn(spec: str) -> Callable[[dict, str], float]:
     if not callable(fn):
         raise ValueError(f"model.reward_fn {spec!r} is not callable")
     return fn
-
-
-def load_weights(model: torch.nn.Module, path: str) -> None:
-    """Copy the GPT weights of any checkpoint gpt.checkpoint.load_model reads into `model` (same shapes)."""
-    from gpt.checkpoint import check_state, load_model
-
-    src, _ = load_model(path)
-    state = src.state_dict()
-    check_state(path, state, model)
-    model.load_state_dict(state)
 
 
 def begin_micro_step(engine: Any) -> None:
@@ -218,11 +209,45 @@ class RLModule(L.LightningModule):
         if self.model is not None:
             return
         self.model = GPT(self.config)
-        if self.init_from:  # a new run from the SFT weights (recipes/cli.py sets it)
-            load_weights(self.model, self.init_from)
+        if self.init_from:  # a new run from the SFT weights (recipes/cli.py sets it, having checked the shapes)
+            load_initial_weights(self.model, self.init_from)
             self.reference_path = self.reference_path or self.init_from
         if self.hparams.algorithm == "ppo":
             self.critic = self._build_critic()
+
+    def run_identity(self) -> dict[str, Any]:
+        """What a resume must keep (gpt.run): shapes, the optimizer state's settings, and what maps
+        optimizer steps to rollouts and samples them (the sampling seed, the group size)."""
+        hp = self.hparams
+        return {**model_identity(self.config.to_dict()), "model.weight_decay": hp.weight_decay,
+                "model.betas": list(hp.betas), "model.eps": hp.eps, "model.algorithm": hp.algorithm,
+                "model.steps_per_rollout": self.steps_per_rollout, "model.group_size": hp.group_size,
+                "model.seed": hp.seed}
+
+    def check_run(self, trainer: L.Trainer, datamodule: Any) -> None:
+        """Before anything is written (recipes/cli.py): steps, intervals and lengths fit a rollout."""
+        k, hp = self.steps_per_rollout, self.hparams
+        if trainer.max_steps is None or trainer.max_steps < 1 or trainer.max_steps % k:
+            raise ValueError(f"trainer.max_steps {trainer.max_steps} is not a positive multiple of the optimizer steps "
+                             f"per rollout, {k} (model.ppo_epochs x model.num_minibatches)")
+        for cb in trainer.callbacks:
+            for name, attr in (("checkpoint_every", "every_n_steps"), ("val_every", "val_every")):
+                every = int(getattr(cb, attr, 0) or 0)
+                if every % k:
+                    raise ValueError(f"--{name} {every} is not a multiple of the optimizer steps per rollout, {k} "
+                                     "(model.ppo_epochs x model.num_minibatches): a rollout's steps are not split")
+        longest = getattr(datamodule, "max_prompt_tokens", None)
+        reply = max(hp.max_new_tokens, hp.val_max_new_tokens or 0)
+        if longest is not None and longest + reply > self.config.block_size:
+            raise ValueError(f"data.max_prompt_tokens {longest} + a reply of up to {reply} tokens is past the model's "
+                             f"block_size {self.config.block_size}; lower one of them")
+        if hasattr(datamodule, "steps_per_rollout"):
+            datamodule.steps_per_rollout = k
+
+    def batch_tokens(self, batch: dict[str, list]) -> int:
+        """Tokens the run's throughput counts per step: the rollout's prompt tokens (each prompt
+        group_size times); generated tokens/s is logged as perf/gen_tokens_per_s."""
+        return sum(len(p) for p in batch["prompt_ids"]) * self.hparams.group_size
 
     def _build_critic(self) -> torch.nn.Module:
         """PPO's critic: a reward model's backbone and head (per token), trained; dropout off."""
@@ -290,9 +315,10 @@ class RLModule(L.LightningModule):
         if self._zero3():
             import deepspeed
 
-            # A DeepSpeed engine without an optimizer partitions the frozen weights like the policy's;
-            # each forward gathers one layer at a time.
-            cfg = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3},
+            # A DeepSpeed engine without an optimizer partitions the frozen weights as the policy's are
+            # (the same ZeRO-3 settings, parameter offload included); each forward gathers a layer at a time.
+            zero = {k: v for k, v in self.trainer.strategy.config["zero_optimization"].items() if k != "offload_optimizer"}
+            cfg = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": zero,
                    "bf16": {"enabled": dtype == torch.bfloat16}, "fp16": {"enabled": dtype == torch.float16}}
             engine, *_ = deepspeed.initialize(model=model, config=cfg)
             model = engine.module
@@ -543,10 +569,13 @@ class RLModule(L.LightningModule):
         if self.hparams.algorithm == "ppo":
             metrics.update({"train/value_loss": stats["value_loss"] / w, "train/value_clipfrac": stats["value_clipped"] / w,
                             "train/explained_variance": self._explained_variance(exp)})
-        self.log_dict({k: metrics[k] for k in ("train/reward", "train/kl")}, prog_bar=True, logger=False)
+        # Logged with Lightning's step set to the optimizer step ("step"), so that the metrics of this
+        # rollout (and the callbacks' of this batch) line up with validation's and checkpoints' steps.
+        shown = ("train/loss", "train/reward", "train/kl")
+        self.log_dict({k: v for k, v in metrics.items() if k not in shown}, rank_zero_only=True)
+        self.log_dict({k: metrics[k] for k in shown}, prog_bar=True, rank_zero_only=True)
+        self.log("step", float(self.trainer.global_step), rank_zero_only=True)
         if self.trainer.is_global_zero:
-            for logger in self.trainer.loggers:
-                logger.log_metrics(metrics, step=self.trainer.global_step)
             self._log_table(exp, rollout)
 
     def _explained_variance(self, exp: Experience) -> float:
@@ -609,12 +638,7 @@ class RLModule(L.LightningModule):
             metrics["val/verifier_reward"] = ver / n
         if self.hparams.reward_model:
             metrics["val/rm_reward"] = rm / n
-        self.log_dict({"val/reward": metrics["val/reward"]}, prog_bar=True, logger=False)
-        if self.trainer.is_global_zero:
-            for logger in self.trainer.loggers:
-                logger.log_metrics(metrics, step=self.trainer.global_step)
-            rank_zero_info(f"[step {self.trainer.global_step}] held-out: "
-                           + ", ".join(f"{k.removeprefix('val/')} {v:.3f}" for k, v in metrics.items()))
+        log_at_step(self, metrics)
 
     # ---- checkpoints --------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

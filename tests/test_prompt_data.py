@@ -57,7 +57,7 @@ def test_rows_carry_their_columns_and_long_prompts_are_counted(tmp_path):
 
 def _module(src, tok_file, world_size, rank, max_steps=4, steps_per_rollout=1, m=3, **kw):
     dm = PromptDataModule(src, tokenizer=tok_file, micro_batch_size=m, seed=5, **kw)
-    module = SimpleNamespace(steps_per_rollout=steps_per_rollout)
+    module = SimpleNamespace(steps_per_rollout=steps_per_rollout)  # what gpt.rl.RLModule tells it
     dm.trainer = SimpleNamespace(max_steps=max_steps, world_size=world_size, global_rank=rank, global_step=0,
                                  lightning_module=module, strategy=SimpleNamespace())
     dm.setup("fit")
