@@ -86,3 +86,26 @@ def rl_trainer(run_dir: Path, max_steps: int, every: int = 0, val_every: int = 0
                 default_root_dir=str(run_dir), limit_val_batches=1.0 if val_every else 0,
                 val_check_interval=val_every or None, check_val_every_n_epoch=None)
     return L.Trainer(**{**args, **kw})
+
+
+def write_rl_config(path: Path, run_dir: Path, inputs: dict[str, str], *, max_steps: int = 6,
+                    checkpoint_every: int = 2, val_every: int = 0, callbacks: list[dict] | None = None,
+                    **model: Any) -> Path:
+    """A tiny fp32 config for recipes/rl.py: GRPO from the tiny "SFT" checkpoint on the prompt files."""
+    import yaml
+
+    cfg = {
+        "run_dir": str(run_dir), "group": "test", "wandb": False, "init_from": inputs["sft"],
+        "checkpoint_every": checkpoint_every, "keep_checkpoints": -1, "val_every": val_every, "seed_everything": 1234,
+        "trainer": {"accelerator": "cpu", "devices": 1, "num_nodes": 1, "precision": "32-true", "max_steps": max_steps,
+                    "log_every_n_steps": 1, "enable_progress_bar": False,
+                    "plugins": [{"class_path": "gpt.checkpoint_io.AtomicCheckpointIO"}],
+                    "callbacks": [{"class_path": "gpt.callbacks.NonFiniteGuard"}, *(callbacks or [])]},
+        "model": {"preset": "tiny", "model_config": TINY, "reward_fn": "tests.rl_fixtures:vowel_share",
+                  "group_size": 4, "max_new_tokens": 8, "lr": 3e-3, "kl_coef": 0.05, "seed": 0, "table_rows": 0,
+                  **model},
+        "data": {"data": inputs["train"], "val_data": inputs["val"], "tokenizer": inputs["tokenizer"],
+                 "micro_batch_size": 4, "seed": 3, "max_prompt_tokens": 96},
+    }
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
