@@ -33,7 +33,9 @@ the reward model) are never registered as submodules: not in the optimizer, not 
 built on first use (after a resume restored where the reference came from), in eval mode with
 requires_grad off. Under ZeRO-3 each is partitioned by its own DeepSpeed inference engine (its
 layers gathered once per forward), and rollouts are sampled from a gathered copy of the policy
-(`generation_model`), refreshed once per rollout: sampling never gathers layers token by token.
+(`generation_model`), refreshed once per rollout before the training step (outside the engine's
+forward, where ZeRO-3's prefetcher may hold parameters in flight): sampling never gathers layers
+token by token.
 
 Resume is exact: the prompt order is a function of (data seed, rollout), the sampling seed of
 (model.seed, rollout, rank), the minibatch order of (model.seed, rollout, epoch, rank), and the
@@ -396,10 +398,17 @@ class RLModule(L.LightningModule):
         return mask / ro.lengths[:, None].float() if self.hparams.loss_norm == "sequence" else mask
 
     @torch.no_grad()
+    def on_train_batch_start(self, batch: dict[str, list], batch_idx: int) -> None:
+        # ZeRO-3: refresh the sampling copy here, outside the engine's forward (where training_step
+        # runs): there the prefetcher may hold parameters in flight, which GatheredParameters skips.
+        if self._zero3():
+            self.generation_model()
+
     def make_experience(self, batch: dict[str, list], rollout: int) -> Experience:
         hp, t = self.hparams, self.template
         t0 = time.perf_counter()
-        ro = sample_rollout(self.generation_model(), batch["prompt_ids"], stop_ids=t.stop_ids, end_id=t.end_id,
+        policy = self._aux["generation"] if self._zero3() else self.model  # refreshed by on_train_batch_start
+        ro = sample_rollout(policy, batch["prompt_ids"], stop_ids=t.stop_ids, end_id=t.end_id,
                             pad_id=t.pad_id, group_size=hp.group_size, max_new_tokens=hp.max_new_tokens,
                             temperature=hp.temperature, top_k=hp.top_k, top_p=hp.top_p,
                             seed=derive_seed(hp.seed, rollout, self.global_rank), batch_size=hp.generation_batch_size)

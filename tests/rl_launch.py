@@ -8,6 +8,7 @@ Writes RUN/csv (metrics), RUN/rollouts_rank{r}.pt (each step's sampled token row
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import warnings
 from pathlib import Path
@@ -31,8 +32,14 @@ class SaveRollouts(Callback):
     def on_train_end(self, trainer, pl_module) -> None:
         torch.save(self.rows, self.out / f"rollouts_rank{trainer.global_rank}.pt")
         probe = (torch.arange(32).reshape(2, 16) * 7 + 3) % pl_module.config.vocab_size
-        with torch.no_grad():  # every rank: a ZeRO-3 forward needs all of them
-            logits = pl_module.model(probe.to(pl_module.device)).float().cpu()
+        # The policy's whole weights (every rank: a ZeRO-3 gather needs all of them) in a plain GPT:
+        # outside the engine's forward, ZeRO-3's hooks do not serve a forward of the live module.
+        from gpt.model import GPT
+
+        policy = GPT(pl_module.config)
+        policy.load_state_dict(_full_state(pl_module.model))
+        with torch.no_grad():
+            logits = policy.eval()(probe).float()
         frozen = {}
         for name in ("reference", "reward"):
             m = pl_module._frozen.get(name)
@@ -42,13 +49,18 @@ class SaveRollouts(Callback):
             torch.save({"logits": logits, "frozen": frozen}, self.out / "final.pt")
 
 
-def _full_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+def _gathered(model: torch.nn.Module) -> contextlib.AbstractContextManager:
+    """Whole ZeRO-3 parameters inside the block (outside the engine's forward no hook gathers them)."""
     if any(hasattr(p, "ds_id") for p in model.parameters()):
         import deepspeed
 
-        with deepspeed.zero.GatheredParameters(list(model.parameters())):
-            return {k: v.detach().clone().cpu() for k, v in model.state_dict().items()}
-    return {k: v.detach().clone().cpu() for k, v in model.state_dict().items()}
+        return deepspeed.zero.GatheredParameters(list(model.parameters()))
+    return contextlib.nullcontext()
+
+
+def _full_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    with _gathered(model):
+        return {k: v.detach().clone().cpu() for k, v in model.state_dict().items()}
 
 
 def main() -> None:
@@ -79,7 +91,12 @@ def main() -> None:
     else:
         from gpt.zero import ZeroStrategy
 
-        strategy = ZeroStrategy(config=ZERO_JSON[a.strategy])
+        import json
+
+        config = json.loads(Path(ZERO_JSON[a.strategy]).read_text())
+        # Partition every parameter: the default threshold keeps a tiny model's small ones whole.
+        config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+        strategy = ZeroStrategy(config=config)
     trainer = rl_trainer(out, max_steps=a.steps * module.steps_per_rollout, devices=a.devices, strategy=strategy,
                          callbacks=[SaveRollouts(out)])
     trainer.fit(module, prompt_data(inputs, micro_batch_size=2))
