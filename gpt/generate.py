@@ -5,6 +5,9 @@
                    top_k=50, top_p=0.95, seed=0, stop_ids=[tok.eot_id],
                    on_token=lambda row, tid: ...)
     # out[i] = the new token ids of row i (a stop token ends the row and is not included)
+    g = generate(model, prompts, 50, seed=0, stop_ids=[tok.eot_id], return_details=True)
+    g.tokens, g.stops, g.logprobs   # + which stop token ended each row (None: the limit) and the
+                                    # log-prob of every drawn token, the stop token's included (RL)
 
 Prompts of different lengths share one batch by left-padding: position ids restart at 0 on
 each row's first real token, and the attention mask hides the pad keys. `generate_uncached`
@@ -12,12 +15,18 @@ is the recompute-everything reference loop the tests and benchmarks compare agai
 Both check their sampling arguments first (`check_sampling`): a negative temperature would
 invert the distribution and a top_p of 0 or 1.5 would quietly mean greedy or "off", so each is
 refused with a ValueError naming the argument.
+`return_details=True` returns a `Generation`: the same tokens, the stop token that ended each row,
+and the log-probability of each drawn token under the distribution it was drawn from (after
+temperature, top-k and top-p; at temperature 1 without filters, the model's own). RL uses it to
+keep the end-of-turn token of each response and its tests to check recomputed log-probs; without
+the flag nothing extra is computed per step.
 `IncrementalDecoder` turns a stream of token ids into printable text pieces (it holds back an
 incomplete multi-byte UTF-8 character until the token that completes it arrives).
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from numbers import Integral, Real
 from typing import Callable, Optional, Sequence, Union
 
@@ -51,19 +60,39 @@ def top_k_filter(logits: torch.Tensor, top_k: int) -> torch.Tensor:
     return logits.masked_fill(logits < kth, float("-inf"))
 
 
-def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[int] = None,
-                top_p: Optional[float] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Next token ids (B,) from last-position logits (B, V). temperature 0 = greedy."""
-    logits = logits.float()
-    if temperature == 0.0:
-        return logits.argmax(dim=-1)
-    logits = logits / temperature
+def sampling_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[int] = None,
+                    top_p: Optional[float] = None) -> torch.Tensor:
+    """fp32 logits of the distribution sample_next draws from (temperature > 0): scaled, then
+    top-k and top-p filtered (dropped tokens are -inf)."""
+    logits = logits.float() / temperature
     if top_k is not None and top_k > 0:
         logits = top_k_filter(logits, top_k)
     if top_p is not None and top_p < 1.0:
         logits = top_p_filter(logits, top_p)
-    probs = logits.softmax(dim=-1)
+    return logits
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[int] = None,
+                top_p: Optional[float] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Next token ids (B,) from last-position logits (B, V). temperature 0 = greedy."""
+    if temperature == 0.0:
+        return logits.float().argmax(dim=-1)
+    probs = sampling_logits(logits, temperature, top_k, top_p).softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _sample_with_logprobs(logits: torch.Tensor, temperature: float, top_k: Optional[int], top_p: Optional[float],
+                          generator: Optional[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor]:
+    """sample_next's draw (the same ids for the same generator state) and each id's log-prob
+    under the distribution it came from (greedy: the model's distribution at temperature 1)."""
+    if temperature == 0.0:
+        logp = logits.float().log_softmax(dim=-1)
+        ids = logp.argmax(dim=-1)
+    else:
+        scaled = sampling_logits(logits, temperature, top_k, top_p)
+        ids = torch.multinomial(scaled.softmax(dim=-1), 1, generator=generator).squeeze(-1)
+        logp = scaled.log_softmax(dim=-1)
+    return ids, logp.gather(-1, ids[:, None]).squeeze(-1)
 
 
 def _is_int(x: object) -> bool:
@@ -96,7 +125,7 @@ def _stop_sets(stop_ids: StopIds, batch: int) -> list[set[int]]:
     return [set(s) for s in stop_ids]  # type: ignore[arg-type]
 
 
-def _left_pad(prompts: Sequence[Sequence[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(prompts: Sequence[Sequence[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(tokens, valid) of shape (B, P): each prompt right-aligned, pad = token 0, valid = real token."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
@@ -109,7 +138,7 @@ def _left_pad(prompts: Sequence[Sequence[int]], device: torch.device) -> tuple[t
     return tokens, valid
 
 
-def _mask(valid: torch.Tensor, T: int) -> torch.Tensor:
+def padded_causal_mask(valid: torch.Tensor, T: int) -> torch.Tensor:
     """Bool (B, 1, T, S) for the last T queries over all S keys: causal AND key-valid.
 
     The diagonal is always allowed, so a pad query row is never fully masked: an all-False
@@ -136,41 +165,61 @@ def _generator(seed: Optional[int], device: torch.device) -> Optional[torch.Gene
     return torch.Generator(device=device).manual_seed(seed)
 
 
+@dataclass
+class Generation:
+    """generate(..., return_details=True): per row, the new tokens (the stop token excluded, as
+    generate's plain result), the stop id that ended the row (None: it ran to max_new_tokens) and
+    the log-prob of every drawn token (the stop token's last when the row stopped)."""
+    tokens: list[list[int]]
+    stops: list[Optional[int]]
+    logprobs: list[list[float]]
+
+
 class _Rows:
     """Bookkeeping of finished rows, outputs and streaming shared by both loops."""
 
     def __init__(self, batch: int, stop_ids: StopIds, on_token: OnToken):
         self.out: list[list[int]] = [[] for _ in range(batch)]
         self.done = [False] * batch
+        self.stop: list[Optional[int]] = [None] * batch
+        self.logprobs: list[list[float]] = [[] for _ in range(batch)]
         self.stops = _stop_sets(stop_ids, batch)
         self.on_token = on_token
 
-    def add(self, next_ids: torch.Tensor) -> bool:
-        """Record one step's tokens; True when every row has stopped."""
+    def add(self, next_ids: torch.Tensor, logprobs: Optional[torch.Tensor] = None) -> bool:
+        """Record one step's tokens (and their log-probs); True when every row has stopped."""
+        lps = logprobs.tolist() if logprobs is not None else None
         for row, tid in enumerate(next_ids.tolist()):
             if self.done[row]:
                 continue
+            if lps is not None:
+                self.logprobs[row].append(lps[row])
             if tid in self.stops[row]:
                 self.done[row] = True
+                self.stop[row] = tid
                 continue
             self.out[row].append(tid)
             if self.on_token is not None:
                 self.on_token(row, tid)
         return all(self.done)
 
+    def result(self, details: bool) -> Union[list[list[int]], Generation]:
+        return Generation(self.out, self.stop, self.logprobs) if details else self.out
+
 
 @torch.inference_mode()
 def generate(model: GPT, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float = 1.0,
              top_k: Optional[int] = None, top_p: Optional[float] = None, seed: Optional[int] = None,
-             stop_ids: StopIds = None, on_token: OnToken = None) -> list[list[int]]:
+             stop_ids: StopIds = None, on_token: OnToken = None,
+             return_details: bool = False) -> Union[list[list[int]], Generation]:
     """New token ids per row, generated with a KV cache. See the module docstring."""
     check_sampling(max_new_tokens, temperature, top_k, top_p, seed)
     if max_new_tokens == 0:
-        return [[] for _ in prompts]
+        return _Rows(len(prompts), stop_ids, None).result(return_details)
     _check_length(model, prompts, max_new_tokens)
     param = next(model.parameters())
     device = param.device
-    tokens, valid = _left_pad(prompts, device)
+    tokens, valid = left_pad(prompts, device)
     B, P = tokens.shape
     cache = KVCache(model.config, B, P + max_new_tokens, device=device, dtype=param.dtype)
     gen = _generator(seed, device)
@@ -178,21 +227,24 @@ def generate(model: GPT, prompts: Sequence[Sequence[int]], max_new_tokens: int, 
     positions = valid.long().cumsum(-1) - 1  # 0 at each row's first real token
     # Prompts of one length need no mask: the model's causal kernel is the fast path.
     padded = not bool(valid.all())
-    logits = model(tokens, position_ids=positions.clamp(min=0), attn_mask=_mask(valid, P) if padded else None,
-                   cache=cache, last_only=True)
+    logits = model(tokens, position_ids=positions.clamp(min=0),
+                   attn_mask=padded_causal_mask(valid, P) if padded else None, cache=cache, last_only=True)
     next_pos = positions[:, -1] + 1
     # Keys of a one-token step: the valid prompt keys and every generated key (the newest is
     # the query's own, so no row is all-masked). Built once, sliced per step.
     keys = torch.cat([valid, valid.new_ones(B, max_new_tokens)], dim=1)[:, None, None, :]
     for step in range(max_new_tokens):
-        next_ids = sample_next(logits[:, -1], temperature, top_k, top_p, gen)
-        if rows.add(next_ids) or step == max_new_tokens - 1:
+        if return_details:
+            next_ids, logprobs = _sample_with_logprobs(logits[:, -1], temperature, top_k, top_p, gen)
+        else:
+            next_ids, logprobs = sample_next(logits[:, -1], temperature, top_k, top_p, gen), None
+        if rows.add(next_ids, logprobs) or step == max_new_tokens - 1:
             break
         # Finished rows keep decoding (a batch moves together) but their tokens are ignored.
         logits = model(next_ids[:, None], position_ids=next_pos[:, None],
                        attn_mask=keys[..., :P + step + 1] if padded else None, cache=cache)
         next_pos = next_pos + 1
-    return rows.out
+    return rows.result(return_details)
 
 
 @torch.inference_mode()
@@ -206,12 +258,13 @@ def generate_uncached(model: GPT, prompts: Sequence[Sequence[int]], max_new_toke
         return [[] for _ in prompts]
     _check_length(model, prompts, max_new_tokens)
     device = next(model.parameters()).device
-    tokens, valid = _left_pad(prompts, device)
+    tokens, valid = left_pad(prompts, device)
     gen = _generator(seed, device)
     rows = _Rows(len(prompts), stop_ids, on_token)
     for _ in range(max_new_tokens):
         positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
-        logits = model(tokens, position_ids=positions, attn_mask=_mask(valid, valid.size(1)), last_only=True)
+        logits = model(tokens, position_ids=positions, attn_mask=padded_causal_mask(valid, valid.size(1)),
+                       last_only=True)
         next_ids = sample_next(logits[:, -1], temperature, top_k, top_p, gen)
         if rows.add(next_ids):
             break

@@ -18,7 +18,9 @@ the index). DeepSpeed then runs ZeRO 1/2/3 with the gloo backend.
 
 Gradient clipping: DeepSpeed defaults `gradient_clipping` to 1.0; the value written into the
 engine config is always the Trainer's `gradient_clip_val` (0.0 when unset), so the recipe YAML
-stays the one place to set it. A JSON that sets a different value is refused.
+stays the one place to set it (for a manual-optimization module such as gpt.rl's, which Lightning
+does not let the Trainer clip, the module's `gradient_clip_val`). A JSON that sets a different
+value is refused.
 
 Checkpoints: DeepSpeed writes a checkpoint directory in place; `save_checkpoint` here writes each
 save into a hidden staging directory and publishes it by rename only once every rank has finished
@@ -169,6 +171,10 @@ class ZeroStrategy(DeepSpeedStrategy):
         if trainer.gradient_clip_algorithm not in (None, "norm"):
             raise MisconfigurationException("DeepSpeed clips by global norm only; use gradient_clip_algorithm: norm")
         clip = float(trainer.gradient_clip_val or 0.0)
+        if not self.lightning_module.automatic_optimization:
+            # Lightning refuses trainer.gradient_clip_val under manual optimization (gpt.rl): such a
+            # module says its own value, which DeepSpeed must apply inside its step.
+            clip = float(getattr(self.lightning_module, "gradient_clip_val", 0.0) or 0.0)
         if user_value is not None and float(user_value) != clip:
             raise MisconfigurationException(
                 f"DeepSpeed config gradient_clipping={user_value} but trainer.gradient_clip_val={clip}: "

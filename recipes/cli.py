@@ -226,9 +226,12 @@ class GPTCLI(LightningCLI):
             ours += [RunCheckpoint(str(self.run_dir.checkpoints), cfg.checkpoint_every, cfg.keep_checkpoints,
                                    cfg.val_every), self.record]
         yaml_callbacks = self.config_init[self.subcommand]["trainer"].get("callbacks") or []
+        # Lightning counts validation intervals in training batches; a module whose batch takes several
+        # optimizer steps (gpt.rl: one rollout, steps_per_rollout updates) says how many.
+        per_batch = max(1, int(getattr(self.model, "steps_per_rollout", 1)))
         kwargs.update(callbacks=list(yaml_callbacks) + ours, logger=False, default_root_dir=str(self.run_dir.path),
                       enable_progress_bar=bar, enable_checkpointing=fit, check_val_every_n_epoch=None,
-                      val_check_interval=A * (cfg.val_every or 1))
+                      val_check_interval=A * max(1, (cfg.val_every or 1) // per_batch))
         if fit and not cfg.val_every:
             kwargs["limit_val_batches"] = 0
         trainer = super().instantiate_trainer(**kwargs)
@@ -262,6 +265,8 @@ class GPTCLI(LightningCLI):
     def _prepare_fit(self, trainer: Any) -> None:
         cfg, rd = self.config[self.subcommand], self.run_dir
         try:
+            if hasattr(self.model, "check_run"):  # settings that need the trainer or the data (gpt.rl)
+                self.model.check_run(trainer, self.datamodule)
             if hasattr(self.datamodule, "check_run"):
                 self.datamodule.check_run(trainer)
             identity = self._identity(trainer)
