@@ -25,6 +25,14 @@ Resume: a task's `tasks/task_NNNNN.json` is written last, after its shards; a re
 tasks that have one and redoes the others from scratch (shards are written as `.tmp` and
 renamed, and the leftovers of an unfinished task are deleted first), so a job killed at any
 point, even by SIGKILL, finishes on the next run.
+
+Changed input: each task records its input's fingerprint (data_prep/fingerprint.py: paths,
+sizes, mtimes, sha256 of small files; Hub name/config/split/revision) in its marker and the
+manifest. A re-run redoes a finished task whose input changed, saying what changed in one line,
+and merge refuses tasks made from another input than the current one. A task that fails (bad
+input, full disk, no permission) removes its shards and temporary files before the one-line
+error, and a task being redone removes DIR/manifest.json first: no file is left claiming a
+dataset that is not there.
 """
 from __future__ import annotations
 
@@ -41,13 +49,16 @@ from typing import Any, Literal, Optional, Union
 
 import numpy as np
 
-from data_prep.sources import DataPrepError, DocumentStream, describe, resolve_sources, split_long
-from gpt.shards import (FORMAT, VERSION, ShardError, ShardWriter, atomic_write_bytes, dtype_for_vocab,
+from data_prep.cli import run_cli, usable_cpus, warn
+from data_prep.fingerprint import changes, fingerprint, pin_hub_revisions
+from data_prep.sources import DataPrepError, DocumentStream, check_sizes, describe, resolve_sources, split_long
+from gpt.shards import (FORMAT, MANIFEST, VERSION, ShardWriter, atomic_write_bytes, dtype_for_vocab,
                         split_summary, write_manifest)
 from gpt.tokenizer import Tokenizer
 
 TASKS_DIR = "tasks"
 SPLITS = ("train", "val")
+PROG = "python -m data_prep.make_shards"
 _WORKER_TOK: Optional[Tokenizer] = None
 
 
@@ -102,21 +113,55 @@ def _task_path(out: Path, task_id: int) -> Path:
     return out / TASKS_DIR / f"task_{task_id:05d}.json"
 
 
-def _finished_task(out: Path, task_id: int, settings: dict) -> Optional[dict]:
-    """The partial manifest of a task that completed with these settings, else None."""
-    path = _task_path(out, task_id)
+def _note(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def _read_task(path: Path) -> dict:
+    """A task marker, or DataPrepError naming it (e.g. a 0-byte file left by a full disk)."""
+    try:
+        part = json.loads(path.read_text())
+        if not isinstance(part, dict) or not {"settings", "splits", "task_id"} <= part.keys():
+            raise ValueError("not a task marker")
+        return part
+    except (OSError, ValueError) as e:
+        raise DataPrepError(f"{path}: unreadable task marker ({str(e).splitlines()[0][:200]})") from None
+
+
+def _finished_task(out: Path, task_id: int, num_tasks: int, settings: dict,
+                   sources: list, hub: dict) -> tuple[Optional[dict], list]:
+    """(the partial manifest of a task done with these settings and this input, else None;
+    the input's fingerprint). Says in one line why a task that had finished is redone."""
+    path, label = _task_path(out, task_id), f"task {task_id}/{num_tasks}"
     if not path.is_file():
-        return None
-    part = json.loads(path.read_text())
+        return None, fingerprint(sources, **hub)
+    try:
+        part = _read_task(path)
+    except DataPrepError as e:
+        _note(f"{label}: {e}; redoing the task")
+        return None, fingerprint(sources, **hub)
     if part["settings"] != settings:
         changed = sorted(k for k in settings if part["settings"].get(k) != settings[k])
         raise DataPrepError(f"{out} holds shards made with other settings ({', '.join(changed)}); "
                             "use a new --out or delete it")
+    inputs = fingerprint(sources, **hub, reuse=part.get("inputs"))
+    if "inputs" not in part:
+        _note(f"{label}: {path} does not record its input (made by an older version); redoing the task")
+        return None, inputs
+    diff = changes(part["inputs"], inputs)
+    if diff:
+        _note(f"{label}: input changed since the last run ({_joined(diff)}); redoing the task")
+        return None, inputs
     for rec in chain.from_iterable(part["splits"].values()):
         f = out / rec["file"]
         if not f.is_file() or f.stat().st_size != rec["bytes"]:
-            return None  # a shard went missing since: redo the task
-    return part
+            _note(f"{label}: shard {f} is missing or has another size; redoing the task")
+            return None, inputs
+    return part, inputs
+
+
+def _joined(diff: list[str], limit: int = 3) -> str:
+    return "; ".join(diff[:limit]) + (f"; and {len(diff) - limit} more" if len(diff) > limit else "")
 
 
 class _Progress:
@@ -141,7 +186,7 @@ def make_shards(source: Union[str, list[str]], tokenizer: str, out: str, text_fi
                 num_tasks: Optional[int] = None, task_id: Optional[int] = None, max_doc_chars: int = 0,
                 piece_chars: int = 100_000, max_bad_lines: int = 0,
                 reader: Literal["auto", "datasets"] = "auto", hub_split: str = "train",
-                hub_config: Optional[str] = None,
+                hub_config: Optional[str] = None, hub_revision: Optional[str] = None,
                 txt_sample_by: Literal["line", "paragraph", "document"] = "paragraph",
                 batch_chars: int = 1_000_000, progress: bool = True) -> dict[str, Any]:
     """Tokenize sources into shards; returns the task's partial manifest (or the merged one).
@@ -151,7 +196,7 @@ def make_shards(source: Union[str, list[str]], tokenizer: str, out: str, text_fi
         tokenizer: tokenizer.json, a directory holding one, or GPT-2 vocab.json + merges.txt.
         out: dataset directory for the shards and manifest.json.
         text_field: the field holding the document text.
-        num_proc: tokenizer worker processes.
+        num_proc: tokenizer worker processes (at most the CPUs available: more only add memory).
         val_fraction: share of documents held out for validation (by text hash).
         max_tokens_per_shard: shard size bound (100 M tokens = 200 MB in uint16).
         num_tasks: tasks of a job array (default: SLURM_ARRAY_TASK_COUNT or 1).
@@ -163,47 +208,102 @@ def make_shards(source: Union[str, list[str]], tokenizer: str, out: str, text_fi
         reader: "datasets" sends local files through datasets.load_dataset(streaming=True) too.
         hub_split: split to stream for Hub dataset names.
         hub_config: configuration (subset) of Hub dataset names, e.g. "sample-10BT".
+        hub_revision: branch, tag or commit of Hub dataset names (default: the main branch, pinned
+            to the commit it points to when the job starts, and recorded).
         txt_sample_by: documents of .txt sources: lines, blank-line separated paragraphs, or files.
         batch_chars: characters per batch sent to a worker.
         progress: show a tqdm progress bar.
     """
+    check_sizes(num_proc=(num_proc, 1), max_tokens_per_shard=(max_tokens_per_shard, 1), num_tasks=(num_tasks, 1),
+                piece_chars=(piece_chars, 1), batch_chars=(batch_chars, 1), max_doc_chars=(max_doc_chars, 0),
+                max_bad_lines=(max_bad_lines, 0))
     num_tasks, task_id = task_from_env(num_tasks, task_id)
     if not 0.0 <= val_fraction < 1.0:
         raise DataPrepError(f"--val_fraction must be in [0, 1), got {val_fraction}")
-    sources = resolve_sources(source)
+    out_dir = Path(out)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DataPrepError(f"--out {out}: is a file, not a directory")
+    if num_proc > usable_cpus():
+        warn(f"--num_proc {num_proc} is more than the {usable_cpus()} CPUs this job may use: the extra "
+             "workers only add memory (a tokenizer each) and contention")
+    sources = pin_hub_revisions(resolve_sources(source), hub_revision)
     try:
         tok = Tokenizer.from_file(tokenizer)
     except (OSError, ValueError) as e:
         raise DataPrepError(f"cannot load tokenizer: {e}") from None
-    out_dir = Path(out)
     dtype = dtype_for_vocab(tok.vocab_size)
     settings = {"sources": [s.spec for s in sources], "text_field": text_field,
                 "tokenizer_hash": tok.content_hash, "val_fraction": val_fraction, "num_tasks": num_tasks,
                 "max_tokens_per_shard": max_tokens_per_shard, "max_doc_chars": max_doc_chars,
                 "piece_chars": piece_chars, "reader": reader, "hub_split": hub_split, "hub_config": hub_config,
                 "txt_sample_by": txt_sample_by}
-    part = _finished_task(out_dir, task_id, settings)
+    hub = {"hub_config": hub_config, "hub_split": hub_split}
+    part, inputs = _finished_task(out_dir, task_id, num_tasks, settings, sources, hub)
     if part is not None:
-        print(f"task {task_id}/{num_tasks}: already done ({_task_path(out_dir, task_id)}), skipping", file=sys.stderr)
+        _note(f"task {task_id}/{num_tasks}: already done ({_task_path(out_dir, task_id)}), skipping")
     else:
-        part = _run_task(sources, tok, out_dir, settings, dtype, task_id, num_tasks, num_proc,
+        part = _run_task(sources, inputs, tok, out_dir, settings, dtype, task_id, num_tasks, num_proc,
                          max_bad_lines, batch_chars, progress)
     if num_tasks == 1:
         return merge(str(out_dir))
     return part
 
 
-def _run_task(sources, tok: Tokenizer, out: Path, settings: dict, dtype: str, task_id: int,
+def _run_task(sources, inputs: list, tok: Tokenizer, out: Path, settings: dict, dtype: str, task_id: int,
               num_tasks: int, num_proc: int, max_bad_lines: int, batch_chars: int,
               progress: bool) -> dict[str, Any]:
+    created = [d for d in (out, out / TASKS_DIR) if not d.exists()]
     (out / TASKS_DIR).mkdir(parents=True, exist_ok=True)
     _task_path(out, task_id).unlink(missing_ok=True)  # a marker whose shards went missing: not done
-    for stale in out.glob(f"*_t{task_id:05d}_*.bin*"):  # leftovers of a killed run of this task
-        stale.unlink()
+    (out / MANIFEST).unlink(missing_ok=True)  # it lists this task's shards, which are about to go
+    _remove_task_files(out, task_id)  # leftovers of a killed run of this task
     stream = DocumentStream(sources, settings["text_field"], settings["reader"], settings["max_doc_chars"],
                             max_bad_lines, settings["hub_split"], settings["txt_sample_by"], settings["hub_config"])
     stream.skip_hook = lambda index: index % num_tasks == task_id  # each skip counted by one task
     writers = {s: ShardWriter(out, f"{s}_t{task_id:05d}", dtype, settings["max_tokens_per_shard"]) for s in SPLITS}
+    try:
+        documents, duplicates = _write_documents(stream, tok, writers, settings, dtype, task_id, num_tasks,
+                                                 num_proc, batch_chars, progress)
+        diff = changes(inputs, fingerprint(sources, settings["hub_config"], settings["hub_split"], reuse=inputs))
+        if diff:
+            raise DataPrepError(f"input changed while it was read ({_joined(diff)}); run again once it is complete")
+        if num_tasks == 1 and not documents:  # fail before the done marker, so a fixed input re-runs
+            raise _nothing_written(settings["sources"], stream.index, dict(stream.skipped), duplicates)
+        part = {"format": FORMAT + "-task", "version": VERSION, "task_id": task_id, "num_tasks": num_tasks,
+                "settings": settings, "inputs": inputs, "dtype": dtype,
+                "tokenizer": {"hash": tok.content_hash, "vocab_size": tok.vocab_size}, "eot_id": tok.eot_id,
+                "special_ids": tok.special_ids, "sources": describe(sources),
+                "splits": {s: w.close() for s, w in writers.items()},
+                "skipped": dict(sorted(stream.skipped.items())), "duplicates": duplicates,
+                "records_read": stream.index}
+        atomic_write_bytes(_task_path(out, task_id), (json.dumps(part, indent=1) + "\n").encode())  # the done marker
+    except BaseException:  # a failed task leaves no shard, .tmp or marker behind
+        for w in writers.values():
+            w.abort()
+        _remove_task_files(out, task_id)
+        for d in reversed(created):  # directories this run made, if nothing else is in them
+            try:
+                d.rmdir()
+            except OSError:
+                pass
+        raise
+    n = {s: sum(r["tokens"] for r in part["splits"][s]) for s in SPLITS}
+    _note(f"task {task_id}/{num_tasks}: {n['train']} train + {n['val']} val tokens, {documents} documents, "
+          f"{duplicates} duplicates, skipped {part['skipped'] or 'none'}")
+    return part
+
+
+def _remove_task_files(out: Path, task_id: int) -> None:
+    for stale in out.glob(f"*_t{task_id:05d}_*.bin*"):
+        stale.unlink(missing_ok=True)
+    _task_path(out, task_id).with_suffix(".json.tmp").unlink(missing_ok=True)
+
+
+def _write_documents(stream: DocumentStream, tok: Tokenizer, writers: dict, settings: dict, dtype: str,
+                     task_id: int, num_tasks: int, num_proc: int, batch_chars: int,
+                     progress: bool) -> tuple[int, int]:
+    """Route, dedup, tokenize (in `num_proc` workers) and write this task's documents in input
+    order; returns (documents written, duplicates dropped)."""
     seen: set[bytes] = set()
     duplicates = 0
     bar = _Progress(progress, task_id)
@@ -227,13 +327,8 @@ def _run_task(sources, tok: Tokenizer, out: Path, settings: dict, dtype: str, ta
 
     try:
         pieces, ends, splits, chars = [], [], [], 0
-        for text, _where in stream:
-            try:
-                data = text.encode("utf-8")
-            except UnicodeEncodeError:  # lone surrogates from JSON escapes: not encodable text
-                if stream.skip_hook(stream.index):
-                    stream.skipped["invalid_utf8"] += 1
-                continue
+        for text, _where in stream:  # the stream yields only encodable text (lone surrogates are skips)
+            data = text.encode("utf-8")
             key, owner, is_val = doc_route(data, num_tasks, settings["val_fraction"])
             del data
             if owner != task_id:
@@ -258,20 +353,7 @@ def _run_task(sources, tok: Tokenizer, out: Path, settings: dict, dtype: str, ta
         if pool:
             pool.terminate()
         bar.close()
-    if num_tasks == 1 and not seen:  # fail before the done marker, so a fixed input re-runs
-        raise _nothing_written(settings["sources"], stream.index, dict(stream.skipped), duplicates)
-    part = {"format": FORMAT + "-task", "version": VERSION, "task_id": task_id, "num_tasks": num_tasks,
-            "settings": settings, "dtype": dtype,
-            "tokenizer": {"hash": tok.content_hash, "vocab_size": tok.vocab_size}, "eot_id": tok.eot_id,
-            "special_ids": tok.special_ids, "sources": describe(sources),
-            "splits": {s: w.close() for s, w in writers.items()},
-            "skipped": dict(sorted(stream.skipped.items())), "duplicates": duplicates,
-            "records_read": stream.index}
-    atomic_write_bytes(_task_path(out, task_id), (json.dumps(part, indent=1) + "\n").encode())  # the done marker
-    n = {s: sum(r["tokens"] for r in part["splits"][s]) for s in SPLITS}
-    print(f"task {task_id}/{num_tasks}: {n['train']} train + {n['val']} val tokens, {len(seen)} documents, "
-          f"{duplicates} duplicates, skipped {part['skipped'] or 'none'}", file=sys.stderr)
-    return part
+    return len(seen), duplicates
 
 
 def _nothing_written(sources: list[str], records: int, skipped: dict, duplicates: int) -> DataPrepError:
@@ -280,7 +362,7 @@ def _nothing_written(sources: list[str], records: int, skipped: dict, duplicates
 
 
 def merge(out: str) -> dict[str, Any]:
-    """Combine the tasks' partial manifests of DIR into DIR/manifest.json.
+    """Check DIR's tasks (all finished, same settings, same input) and write DIR/manifest.json.
 
     Args:
         out: the dataset directory the tasks wrote to.
@@ -289,7 +371,7 @@ def merge(out: str) -> dict[str, Any]:
     paths = sorted((out_dir / TASKS_DIR).glob("task_*.json"))
     if not paths:
         raise DataPrepError(f"{out_dir}: no finished tasks ({TASKS_DIR}/task_*.json) to merge")
-    parts = [json.loads(p.read_text()) for p in paths]
+    parts = [_read_task(p) for p in paths]
     first = parts[0]
     num_tasks = first["num_tasks"]
     for p, part in zip(paths, parts):
@@ -298,16 +380,16 @@ def merge(out: str) -> dict[str, Any]:
     have = {part["task_id"] for part in parts}
     missing = [t for t in range(num_tasks) if t not in have]
     if missing:
-        shown = ", ".join(map(str, missing[:10])) + (", ..." if len(missing) > 10 else "")
-        raise DataPrepError(f"{out_dir}: {len(missing)} of {num_tasks} tasks have not finished (task ids {shown})")
+        raise DataPrepError(f"{out_dir}: {len(missing)} of {num_tasks} tasks have not finished (task ids {_ids(missing)})")
     parts = sorted((p for p in parts if p["task_id"] < num_tasks), key=lambda p: p["task_id"])
+    inputs = _current_inputs(out_dir, parts)
     skipped: Counter[str] = Counter()
     for part in parts:
         skipped.update(part["skipped"])
     manifest = {"format": FORMAT, "version": VERSION, "dtype": first["dtype"], "tokenizer": first["tokenizer"],
                 "eot_id": first["eot_id"], "special_ids": first["special_ids"],
                 "splits": {s: split_summary(chain.from_iterable(p["splits"][s] for p in parts)) for s in SPLITS},
-                "sources": first["sources"], "text_field": first["settings"]["text_field"],
+                "sources": first["sources"], "inputs": inputs, "text_field": first["settings"]["text_field"],
                 "val_fraction": first["settings"]["val_fraction"], "num_tasks": num_tasks,
                 "skipped": dict(sorted(skipped.items())), "duplicates": sum(p["duplicates"] for p in parts),
                 "records_read": first["records_read"], "created_by": "data_prep.make_shards"}
@@ -322,18 +404,48 @@ def merge(out: str) -> dict[str, Any]:
     return manifest
 
 
-def main(argv: Optional[list[str]] = None) -> None:
-    from jsonargparse import CLI
+def _ids(ids: list[int]) -> str:
+    return ", ".join(map(str, ids[:10])) + (", ..." if len(ids) > 10 else "")
 
-    argv = sys.argv[1:] if argv is None else argv
+
+def _current_inputs(out_dir: Path, parts: list[dict]) -> list:
+    """The input as it is now; DataPrepError if a task was made from another one.
+
+    Local sources are listed and measured again (stat, plus a hash only where a small file
+    looks touched); a Hub source keeps the revision task 0 read, so tasks that read another
+    revision are the ones refused.
+    """
+    first = parts[0]
+    old = [t for t in parts if "inputs" not in t]
+    if old:
+        raise DataPrepError(f"{out_dir}: tasks {_ids([t['task_id'] for t in old])} do not record their input "
+                            "(made by an older version): re-run them, then merge")
+    settings = first["settings"]
     try:
-        if argv[:1] == ["merge"]:
-            CLI(merge, args=argv[1:], as_positional=False)
-        else:
-            CLI(make_shards, args=argv, as_positional=False)
-    except (DataPrepError, ShardError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        now = fingerprint(resolve_sources(settings["sources"]), settings["hub_config"], settings["hub_split"],
+                          reuse=first["inputs"])
+    except (DataPrepError, OSError) as e:
+        raise DataPrepError(f"{out_dir}: cannot check the input the tasks read ({e}); "
+                            "merging needs the sources as they were") from None
+    now = [old_entry if "hub" in old_entry else entry for old_entry, entry in zip(first["inputs"], now)]
+    stale = [(t["task_id"], diff) for t in parts if (diff := changes(t["inputs"], now))]
+    if stale:
+        raise DataPrepError(f"{out_dir}: {len(stale)} of {len(parts)} tasks were made from another input than "
+                            f"the current one ({_joined(stale[0][1], 1)}; task ids {_ids([t for t, _ in stale])}): "
+                            "re-run the job (those tasks are redone), then merge")
+    return now
+
+
+MERGE_HELP = (f"Subcommand merge: once every task of an array job has finished, `{PROG} merge --out DIR` "
+              f"checks them (same settings, same input) and writes DIR/manifest.json; see `{PROG} merge --help`.")
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["merge"]:
+        run_cli(merge, f"{PROG} merge", argv[1:])
+    else:
+        run_cli(make_shards, PROG, argv, epilog=MERGE_HELP)
 
 
 if __name__ == "__main__":

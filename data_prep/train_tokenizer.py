@@ -16,8 +16,11 @@ from __future__ import annotations
 import sys
 from typing import Iterator, Literal, Optional, Union
 
-from data_prep.sources import DataPrepError, DocumentStream, resolve_sources, split_long
+from data_prep.cli import run_cli
+from data_prep.sources import DataPrepError, DocumentStream, check_sizes, resolve_sources, split_long
 from gpt.tokenizer import SPECIAL_TOKENS, Tokenizer
+
+PROG = "python -m data_prep.train_tokenizer"
 
 
 def _texts(stream: DocumentStream, max_chars: int, piece_chars: int) -> Iterator[str]:
@@ -63,6 +66,8 @@ def train_tokenizer(source: Union[str, list[str]], out: str, vocab_size: int = 4
     base = len(SPECIAL_TOKENS) + 256
     if vocab_size < base:
         raise DataPrepError(f"--vocab_size must be at least {base} (specials + 256 bytes), got {vocab_size}")
+    check_sizes(min_frequency=(min_frequency, 0), max_chars=(max_chars, 0), max_doc_chars=(max_doc_chars, 0),
+                piece_chars=(piece_chars, 1), max_bad_lines=(max_bad_lines, 0))
     stream = DocumentStream(resolve_sources(source), text_field, reader, max_doc_chars, max_bad_lines,
                             hub_split, txt_sample_by, hub_config)
     bpe = HFTokenizer(models.BPE())
@@ -90,13 +95,7 @@ def _chain_first(first: str, rest: Iterator[str]) -> Iterator[str]:
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    from jsonargparse import CLI
-
-    try:
-        CLI(train_tokenizer, args=sys.argv[1:] if argv is None else argv, as_positional=False)
-    except DataPrepError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    run_cli(train_tokenizer, PROG, argv)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,9 @@ the shard holding its last token.
     x = ds.window(0, 1025)            # int64 numpy array, may span shard boundaries
 
 Writes go to `name.tmp` and are renamed when complete, so a crashed job never leaves a file
-that looks like a finished shard. Only numpy and the standard library are imported here.
+that looks like a finished shard; a write that fails (disk full, no permission) raises an
+OSError naming the shard, and `ShardWriter.abort()` removes what the writer wrote. Only numpy
+and the standard library are imported here.
 """
 from __future__ import annotations
 
@@ -51,13 +53,20 @@ def dtype_for_vocab(vocab_size: int) -> str:
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write via `path.tmp` + rename; on failure (e.g. a full disk) no `.tmp` is left behind."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.filename in (None, str(tmp)):  # name the file asked for
+            raise type(e)(e.errno, e.strerror or str(e), str(path)) from None
+        raise
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
@@ -126,6 +135,12 @@ class ShardWriter:
         self.records.append({"file": final.name, "tokens": self._tokens, "documents": self._docs,
                              "bytes": final.stat().st_size, "sha256": sha256_file(final)})
 
+    def _named(self, e: OSError) -> OSError:
+        """The error with the shard's name: a bare `write()` failure says only "No space left"."""
+        if e.filename is not None:
+            return e
+        return type(e)(e.errno, e.strerror or str(e), str(self._path(len(self.records))))
+
     def add(self, tokens: Sequence[int] | np.ndarray, end_of_document: bool = True) -> None:
         """Append one document (its end-of-text token included by the caller).
 
@@ -137,24 +152,43 @@ class ShardWriter:
         if arr.size and (arr.min() < 0 or arr.max() > np.iinfo(self.dtype).max):
             raise ValueError(f"token id out of range for {self.dtype.name}")
         arr = arr.astype(self.dtype, copy=False)
-        while arr.size:
-            if self._f is None:
-                self._open()
-            take = min(arr.size, self.max_tokens - self._tokens)
-            self._f.write(arr[:take].tobytes())
-            self._tokens += take
-            arr = arr[take:]
-            if arr.size == 0 and end_of_document:
-                self._docs += 1
-            if self._tokens == self.max_tokens:
-                self._finish()
+        try:
+            while arr.size:
+                if self._f is None:
+                    self._open()
+                take = min(arr.size, self.max_tokens - self._tokens)
+                self._f.write(arr[:take].tobytes())
+                self._tokens += take
+                arr = arr[take:]
+                if arr.size == 0 and end_of_document:
+                    self._docs += 1
+                if self._tokens == self.max_tokens:
+                    self._finish()
+        except OSError as e:
+            raise self._named(e) from None
 
     def close(self) -> list[dict[str, Any]]:
         """Finish the last shard; returns the shard records in order."""
         if not self._closed and self._f is not None:
-            self._finish()
+            try:
+                self._finish()
+            except OSError as e:
+                raise self._named(e) from None
         self._closed = True
         return self.records
+
+    def abort(self) -> None:
+        """Close without finishing: delete the open `.tmp` and every shard this writer finished."""
+        f, self._f, self._closed = self._f, None, True
+        if f is not None:
+            try:
+                f.close()  # flushing may fail again on a full disk; the file goes anyway
+            except OSError:
+                pass
+        self._path(len(self.records)).with_suffix(".bin.tmp").unlink(missing_ok=True)
+        for r in self.records:
+            (self.out_dir / r["file"]).unlink(missing_ok=True)
+        self.records = []
 
 
 def write_manifest(data_dir: str | os.PathLike, manifest: dict[str, Any]) -> Path:

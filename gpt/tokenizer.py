@@ -13,7 +13,10 @@ default: a document that happens to contain "<|endoftext|>" is not cut in two; p
 
 A GPT-2 `vocab.json` + `merges.txt` pair (or the same files under the names `encoder.json`
 + `vocab.bpe`) loads with GPT-2's ids ("Hello world" -> [15496, 995]); the special tokens
-it lacks are added after its base vocab, so `<|endoftext|>` stays 50256.
+it lacks are added after its highest id, so `<|endoftext|>` stays 50256, and it is a special
+token like the others (`allow_special=True` maps the string to 50256). `vocab_size` is the
+highest id + 1, so a sparse vocabulary (ids with gaps) gets a dtype and an embedding that hold
+every id.
 
 `content_hash` is the sha256 of a canonical JSON serialization: equal for equal tokenizers in
 any process, and what shard manifests record to refuse a mismatched tokenizer.
@@ -41,10 +44,17 @@ class Tokenizer:
 
     def __init__(self, tokenizer: HFTokenizer):
         self._tok = tokenizer
-        missing = [t for t in SPECIAL_TOKENS if tokenizer.token_to_id(t) is None]
-        if missing:  # e.g. a GPT-2 pair: append after the base vocab, keep existing ids
+        added = {t.content for t in tokenizer.get_added_tokens_decoder().values()}
+        missing = [t for t in SPECIAL_TOKENS if t not in added]
+        if missing:  # e.g. a GPT-2 pair: a token the vocab has keeps its id, and becomes special
             tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in missing])
         self._special = {t: tokenizer.token_to_id(t) for t in SPECIAL_TOKENS}
+        for t, i in self._special.items():  # tokenizers numbers new tokens by count: a sparse vocab collides
+            other = tokenizer.model.id_to_token(i)
+            if other not in (None, t):
+                raise ValueError(f"special token {t} got id {i}, which the vocabulary already gives to {other!r} "
+                                 "(ids with gaps: add the special tokens to the vocabulary itself)")
+        self._vocab_size = max(tokenizer.get_vocab(with_added_tokens=True).values()) + 1
         self._hash: Optional[str] = None
 
     # ---- loading and saving -------------------------------------------------------------
@@ -72,14 +82,28 @@ class Tokenizer:
     @classmethod
     def _load_json(cls, path: Path) -> "Tokenizer":
         try:
-            return cls(HFTokenizer.from_file(str(path)))
+            hf = HFTokenizer.from_file(str(path))
         except Exception as e:  # tokenizers raises a bare Exception with a long serde message
             raise ValueError(f"{path}: not a tokenizers JSON file ({str(e).splitlines()[0][:200]})") from None
+        try:
+            return cls(hf)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
 
     @classmethod
     def from_gpt2_files(cls, vocab: str | os.PathLike, merges: str | os.PathLike) -> "Tokenizer":
-        """GPT-2 style byte-level BPE from its vocab (token -> id JSON) and merges files."""
-        tok = HFTokenizer(models.BPE.from_file(str(vocab), str(merges)))
+        """GPT-2 style byte-level BPE from its vocab (token -> id JSON) and merges files.
+
+        The special tokens the vocab lacks get the ids after its highest one (tokenizers alone
+        would number them by count, onto ids a sparse vocab already uses).
+        """
+        ids, pairs = models.BPE.read_file(str(vocab), str(merges))
+        top = max(ids.values(), default=-1)
+        for t in SPECIAL_TOKENS:
+            if t not in ids:
+                top += 1
+                ids[t] = top
+        tok = HFTokenizer(models.BPE(ids, pairs))
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
         return cls(tok)
@@ -98,11 +122,17 @@ class Tokenizer:
             p = p / "tokenizer.json"
         p.parent.mkdir(parents=True, exist_ok=True)
         tmp = p.with_name(p.name + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(self.to_str())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, p)
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(self.to_str())
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, p)
+        except BaseException as e:  # e.g. a full disk: no half-written .tmp left behind
+            tmp.unlink(missing_ok=True)
+            if isinstance(e, OSError) and e.filename in (None, str(tmp)):  # name the file asked for
+                raise type(e)(e.errno, e.strerror or str(e), str(p)) from None
+            raise
         return p
 
     # ---- encoding ---------------------------------------------------------------------
@@ -138,8 +168,8 @@ class Tokenizer:
 
     @property
     def vocab_size(self) -> int:
-        """Number of ids, specials included (the highest id + 1)."""
-        return self._tok.get_vocab_size(with_added_tokens=True)
+        """The highest id + 1, specials included (= the number of ids unless the vocab has gaps)."""
+        return self._vocab_size
 
     @property
     def content_hash(self) -> str:

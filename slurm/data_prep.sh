@@ -7,26 +7,32 @@
 #
 # Before `--`: --tasks N (array size, default 4) and any sbatch options, given to both jobs.
 # After `--`: the arguments of python -m data_prep.make_shards (--out is required: the merge
-# writes --out/manifest.json). Prints "ARRAY_JOB_ID MERGE_JOB_ID" on stdout. The jobs run in the
-# repository (relative paths are relative to it); logs go under ./runs/slurm of the folder this
-# is run from: gpt-data-prep-<array id>_<task>.out and gpt-data-prep-merge-<merge id>.out.
-# If a task fails the merge is cancelled, not left waiting; fix, re-submit, finished tasks skip.
+# writes --out/manifest.json; `python -m data_prep.make_shards --help` lists them all).
+# Prints "ARRAY_JOB_ID MERGE_JOB_ID" on stdout. The jobs run in the repository (relative paths
+# are relative to it); logs go under ./runs/slurm of the folder this is run from:
+# gpt-data-prep-<array id>_<task>.out and gpt-data-prep-merge-<merge id>.out.
+# If a task fails the merge is cancelled, not left waiting; fix, re-submit: finished tasks skip,
+# unless their input changed since (then they are redone).
 
 set -euo pipefail
 die() { echo "error: $*" >&2; exit 2; }
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+usage() {  # the comment block above, without its leading "# "
+    sed -n '2,/^$/{/^#/!q;s/^# \{0,1\}//;p}' "${BASH_SOURCE[0]}"
+}
 export GPT_REPO="${GPT_REPO:-$(dirname "$here")}"  # the jobs cd there, wherever this is run from
 
 tasks=4
 sbatch_opts=()
 while [ $# -gt 0 ] && [ "$1" != "--" ]; do
     case "$1" in
-        --tasks) tasks="$2"; shift 2 ;;
+        -h | --help) usage; exit 0 ;;
+        --tasks) [ $# -ge 2 ] || die "--tasks needs a value"; tasks="$2"; shift 2 ;;
         --tasks=*) tasks="${1#--tasks=}"; shift ;;
         *) sbatch_opts+=("$1"); shift ;;
     esac
 done
-[ $# -gt 0 ] || die "usage: slurm/data_prep.sh [--tasks N] [sbatch options] -- make_shards args (no '--' given)"
+[ $# -gt 0 ] || die "usage: slurm/data_prep.sh [--tasks N] [sbatch options] -- make_shards args (no '--' given; --help)"
 shift
 [[ "$tasks" =~ ^[1-9][0-9]*$ ]] || die "--tasks must be a positive integer, got '$tasks'"
 

@@ -1,4 +1,5 @@
 """data_prep.make_shards: exact shard contents, determinism, dedup, hold-out, arrays, bad input, kill -9."""
+import errno
 import gzip
 import json
 import os
@@ -291,3 +292,174 @@ def test_sigkill_then_rerun_finishes_identically(tmp_path, corpus, tok_path):
     assert {p.name for p in victim.glob("*.bin")} == listed  # the killed run's shards were redone, not kept
     rerun = subprocess.run(args + ["--out", str(victim)], cwd=ROOT, env=env, check=True, capture_output=True, text=True)
     assert "already done" in rerun.stderr
+
+
+# ---- failures: one line, non-zero exit, and nothing left behind -------------------------------
+def _files(d: Path) -> list[str]:
+    return sorted(str(p.relative_to(d)) for p in d.rglob("*")) if d.exists() else []
+
+
+@pytest.mark.parametrize("flag,value", [("piece_chars", "0"), ("piece-chars", "-5")])
+def test_zero_piece_chars_is_refused_not_a_hang(tmp_path, tok_path, flag, value):
+    """`--piece_chars 0` used to loop forever with memory growing: a subprocess, so a hang fails."""
+    src = _jsonl(tmp_path / "in.jsonl", ["some text\n" * 50])
+    run = subprocess.run([sys.executable, "-m", "data_prep.make_shards", "--source", str(src), "--tokenizer",
+                          str(tok_path), "--out", str(tmp_path / "o"), f"--{flag}", value],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert (run.returncode, run.stderr) == (1, f"error: --piece_chars must be a positive integer, got {value}\n")
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("flag,value,want", [
+    ("max_tokens_per_shard", "0", "a positive integer, got 0"), ("num_proc", "0", "a positive integer, got 0"),
+    ("batch_chars", "-1", "a positive integer, got -1"), ("num_tasks", "0", "a positive integer, got 0"),
+    ("max_doc_chars", "-1", ">= 0 (0 = no limit), got -1"), ("max-bad-lines", "-1", ">= 0 (0 = no limit), got -1")])
+def test_non_positive_sizes_are_refused(tmp_path, tok_path, capsys, flag, value, want):
+    src = _jsonl(tmp_path / "in.jsonl", ["some text\n" * 50])
+    assert _cli_error(capsys, ["--source", str(src), "--tokenizer", str(tok_path), "--out", str(tmp_path / "o"),
+                               f"--{flag}", value]) == f"error: --{flag.replace('-', '_')} must be {want}"
+    assert not (tmp_path / "o").exists()
+
+
+def test_failed_task_leaves_no_tmp_shard_or_marker(tmp_path, corpus, tok_path, capsys):
+    """A malformed last line, after shards were written: the task's files all go."""
+    src = _jsonl(tmp_path / "in.jsonl", corpus[:100])
+    with open(src, "a") as f:
+        f.write('{"text": "cut off\n')
+    out = tmp_path / "o"
+    assert _cli_error(capsys, ["--source", str(src), "--tokenizer", str(tok_path), "--out", str(out),
+                               "--batch_chars", "1000", "--max_tokens_per_shard", "2000", "--progress", "false"]) == \
+        f"error: {src}:101: malformed JSON (Unterminated string starting at column 10)"
+    assert _files(out) == []  # not even the directory this run made
+    out.mkdir()
+    (out / "keep.txt").write_text("the user's")
+    _cli_error(capsys, ["--source", str(src), "--tokenizer", str(tok_path), "--out", str(out),
+                        "--batch_chars", "1000", "--max_tokens_per_shard", "2000", "--progress", "false"])
+    assert _files(out) == ["keep.txt"]
+
+
+class _FillingFile:
+    """A file whose disk fills up after `room` more bytes, as a real full disk does."""
+
+    def __init__(self, f, room: list):
+        self._f, self._room = f, room
+
+    def write(self, data) -> int:
+        if len(data) > self._room[0]:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self._room[0] -= len(data)
+        return self._f.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._f.close()
+
+
+@pytest.mark.parametrize("where,room,failing", [("shards", 9_000, "train_t00000_00001.bin"),
+                                               ("marker", 0, "tasks/task_00000.json")])
+def test_disk_full_is_one_line_and_frees_the_space(tmp_path, corpus, tok_path, capsys, monkeypatch, where, room,
+                                                   failing):
+    """Disk full mid-shard (after one complete shard) and at the task marker (after all shards):
+    one line naming the file, and every byte of the task removed. Simulated by file objects that
+    raise ENOSPC once `room` bytes were written (a real tiny tmpfs behaves the same)."""
+    import builtins
+
+    from gpt import shards
+
+    left, real_open = [room], builtins.open
+
+    def opener(path, mode="r", *a, **k):
+        f = real_open(path, mode, *a, **k)
+        if "w" in mode and (where == "shards" or str(path).endswith(".json.tmp")):
+            return _FillingFile(f, left)
+        return f
+
+    monkeypatch.setattr(shards, "open", opener, raising=False)
+    src = _jsonl(tmp_path / "in.jsonl", corpus[:200])
+    out = tmp_path / "o"
+    assert _cli_error(capsys, ["--source", str(src), "--tokenizer", str(tok_path), "--out", str(out), "--val_fraction",
+                               "0", "--max_tokens_per_shard", "4000", "--batch_chars", "2000", "--progress", "false"]) == \
+        f"error: {out / failing}: No space left on device"
+    assert _files(out) == []
+
+
+def test_unwritable_or_file_out(tmp_path, tok_path, capsys, monkeypatch):
+    """--out naming a file; --out where mkdir is refused (permission, read-only file system).
+    Tests run as root, which chmod does not stop: os.mkdir is made to fail as it would."""
+    src = _jsonl(tmp_path / "in.jsonl", ["hello there"])
+    common = ["--source", str(src), "--tokenizer", str(tok_path), "--progress", "false"]
+    (tmp_path / "afile").write_text("x")
+    assert _cli_error(capsys, common + ["--out", str(tmp_path / "afile")]) == \
+        f"error: --out {tmp_path / 'afile'}: is a file, not a directory"
+    real_mkdir, locked = os.mkdir, tmp_path / "locked"
+    locked.mkdir()
+    for err, text in ((errno.EACCES, "Permission denied"), (errno.EROFS, "Read-only file system")):
+        def mkdir(path, *a, err=err, text=text, **k):  # nothing can be created inside `locked`
+            if Path(path).parent == locked:
+                raise OSError(err, text, str(path))
+            return real_mkdir(path, *a, **k)
+
+        monkeypatch.setattr(os, "mkdir", mkdir)
+        assert _cli_error(capsys, common + ["--out", str(locked / "o")]) == f"error: {locked / 'o'}: {text}"
+    monkeypatch.undo()
+    assert _files(locked) == []
+
+
+def test_unreadable_source_is_one_line(tmp_path, tok_path, capsys, monkeypatch):
+    """Permission denied on a source (simulated: tests run as root)."""
+    import builtins
+
+    src = _jsonl(tmp_path / "in.jsonl", ["hello there"])
+    real_open = builtins.open
+
+    def opener(path, *a, **k):
+        if str(path) == str(src.resolve()) or str(path) == str(src):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_open(path, *a, **k)
+
+    monkeypatch.setattr(builtins, "open", opener)
+    err = _cli_error(capsys, ["--source", str(src), "--tokenizer", str(tok_path), "--out", str(tmp_path / "o"),
+                              "--progress", "false"])
+    assert err == f"error: {src.resolve()}: Permission denied"
+
+
+def test_num_proc_above_cpus_warns(tmp_path, tok_path, capsys, monkeypatch):
+    from data_prep import make_shards as ms
+
+    monkeypatch.setattr(ms, "usable_cpus", lambda: 2)
+    with pytest.raises(SystemExit):
+        main(["--source", str(tmp_path / "none.jsonl"), "--tokenizer", str(tok_path), "--out", str(tmp_path / "o"),
+              "--num_proc", "64"])
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == ("warning: --num_proc 64 is more than the 2 CPUs this job may use: the extra workers only "
+                      "add memory (a tokenizer each) and contention")
+    assert err[1] == f"error: source '{tmp_path}/none.jsonl': file not found"
+
+
+def test_sparse_gpt2_ids_above_65535(tmp_path, capsys):
+    """A GPT-2 style pair whose <|endoftext|> is 70000: uint32 shards holding 70000."""
+    from tests.test_tokenizer import _sparse_gpt2_pair
+
+    pair = _sparse_gpt2_pair(tmp_path / "gpt2", eot=70000)
+    src = _jsonl(tmp_path / "in.jsonl", ["Hello world", "world Hello"])
+    m = make_shards(str(src), str(pair), str(tmp_path / "o"), val_fraction=0.0, progress=False)
+    tok = Tokenizer.from_file(pair)
+    assert m["dtype"] == "uint32" and m["tokenizer"]["vocab_size"] == 70006 and m["eot_id"] == 70000
+    assert _stream(tmp_path / "o", "train") == tok.encode("Hello world") + [70000] + tok.encode("world Hello") + [70000]
+
+
+@pytest.mark.slow
+def test_datasets_reader_error_is_one_line_in_a_fresh_process(tmp_path, tok_path):
+    """datasets logs its own "Failed to load JSON" line before raising; only ours may show."""
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "a"\n')
+    run = subprocess.run([sys.executable, "-m", "data_prep.make_shards", "--source", str(bad), "--tokenizer",
+                          str(tok_path), "--out", str(tmp_path / "o"), "--reader", "datasets", "--progress", "false"],
+                         cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert run.returncode == 1 and run.stderr.count("\n") == 1, run.stderr
+    assert run.stderr.startswith(f"error: source '{bad}': datasets could not read it (") and not _files(tmp_path / "o")

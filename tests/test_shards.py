@@ -144,3 +144,50 @@ def test_crashed_writer_leaves_no_complete_looking_file(tmp_path):
 
 def test_dtype_for_vocab():
     assert dtype_for_vocab(65536) == "uint16" and dtype_for_vocab(65537) == "uint32"
+
+
+def test_write_error_names_the_shard_and_abort_removes_everything(tmp_path, monkeypatch):
+    """A full disk mid-shard: the OSError names the shard (a bare write() error names nothing),
+    and abort() deletes the open .tmp and the shards already finished."""
+    import errno
+
+    w = ShardWriter(tmp_path, "x", "uint16", 4)
+    w.add([1, 2, 3, 9])  # shard 0 finished
+    w.add([4, 5])        # shard 1 open
+
+    class Full:
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def close(self):
+            raise OSError(errno.ENOSPC, "No space left on device")  # flushing fails again
+
+    real = w._f
+    w._f = Full()
+    with pytest.raises(OSError) as e:
+        w.add([6, 7, 9])
+    assert (e.value.errno, e.value.filename) == (errno.ENOSPC, str(tmp_path / "x_00001.bin"))
+    real.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x_00000.bin", "x_00001.bin.tmp"]
+    w.abort()
+    assert list(tmp_path.iterdir()) == [] and w.records == []
+    with pytest.raises(RuntimeError, match="closed"):
+        w.add([1])
+
+
+def test_atomic_write_failure_leaves_old_file_and_no_tmp(tmp_path, monkeypatch):
+    import errno
+
+    from gpt.shards import atomic_write_bytes
+
+    target = tmp_path / "manifest.json"
+    target.write_text("old")
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError) as e:
+        atomic_write_bytes(target, b"new")
+    assert e.value.filename == str(target)
+    assert [p.name for p in tmp_path.iterdir()] == ["manifest.json"] and target.read_text() == "old"

@@ -38,6 +38,17 @@ def _gpt2_pair(d: Path, names=("vocab.json", "merges.txt")) -> Path:
     return d
 
 
+def _sparse_gpt2_pair(d: Path, eot: int = 70000) -> Path:
+    """The tiny pair with ids that have gaps: <|endoftext|> at `eot`, and "Ġworld" moved to the id
+    the first added special would get if tokenizers numbered them by count (266)."""
+    _gpt2_pair(d)
+    vocab = json.loads((d / "vocab.json").read_text())
+    vocab["<|endoftext|>"] = eot
+    vocab["Ġworld"] = len(vocab)
+    (d / "vocab.json").write_text(json.dumps(vocab))
+    return d
+
+
 def _trained(extra_special=SPECIAL_TOKENS) -> Tokenizer:
     tok = HFTokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -62,10 +73,60 @@ def test_gpt2_pair_ids_and_specials(tmp_path):
         assert tok.decode(tok.encode("Hello world")) == "Hello world"
 
 
+def test_gpt2_pair_endoftext_is_special(tmp_path):
+    """In a GPT-2 pair <|endoftext|> is an ordinary vocab entry: it must still be the special
+    token allow_special maps to (GPT-2: 50256), and stay plain text otherwise."""
+    tok = Tokenizer.from_file(_gpt2_pair(tmp_path / "gpt2"))
+    eot = tok.eot_id
+    assert tok.encode("Hello<|endoftext|> world", allow_special=True) == [259, eot, 264]
+    assert eot not in tok.encode("Hello<|endoftext|> world")
+    assert tok.decode(tok.encode("Hello<|endoftext|> world")) == "Hello<|endoftext|> world"
+    assert tok.encode("<|user|>Hello<|end|>", allow_special=True) == [tok.special_ids["<|user|>"], 259,
+                                                                      tok.special_ids["<|end|>"]]
+
+
+def test_sparse_ids_vocab_size_is_highest_id_plus_one(tmp_path):
+    tok = Tokenizer.from_file(_sparse_gpt2_pair(tmp_path / "sparse", eot=70000))
+    assert tok.eot_id == 70000 and tok.vocab_size == 70006
+    assert tok.special_ids == {"<|endoftext|>": 70000, "<|pad|>": 70001, "<|system|>": 70002,
+                               "<|user|>": 70003, "<|assistant|>": 70004, "<|end|>": 70005}
+    world = tok.token_to_id("Ġworld")
+    assert tok.encode("Hello world") == [259, world] and tok.decode([259, world]) == "Hello world"
+    assert tok.decode([tok.pad_id]) == "<|pad|>" and tok.pad_id != world  # no two tokens share an id
+
+
+def test_sparse_tokenizer_json_without_specials_is_refused(tmp_path):
+    """A tokenizer.json whose vocab has gaps and no specials: adding them would reuse a taken id."""
+    d = _sparse_gpt2_pair(tmp_path / "sparse")
+    vocab = json.loads((d / "vocab.json").read_text())
+    del vocab["<|endoftext|>"]
+    merges = [tuple(m.split()) for m in (d / "merges.txt").read_text().splitlines()[1:]]
+    hf = HFTokenizer(models.BPE(vocab, merges))
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.save(str(tmp_path / "tokenizer.json"))
+    with pytest.raises(ValueError, match=rf"^{tmp_path}/tokenizer.json: special token <\|pad\|> got id 266, which "
+                                         r"the vocabulary already gives to 'Ġworld' \(ids with gaps"):
+        Tokenizer.from_file(tmp_path / "tokenizer.json")
+
+
+def test_failed_save_leaves_no_tmp_and_names_the_file(tmp_path, monkeypatch):
+    import errno
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError) as e:
+        _trained().save(tmp_path / "tokenizer.json")
+    assert (e.value.errno, e.value.filename) == (errno.ENOSPC, str(tmp_path / "tokenizer.json"))
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.skipif(not os.environ.get("GPT2_TOKENIZER_DIR"), reason="set GPT2_TOKENIZER_DIR to the real GPT-2 files")
 def test_real_gpt2_files():
     tok = Tokenizer.from_file(os.environ["GPT2_TOKENIZER_DIR"])
     assert tok.encode("Hello world") == [15496, 995]
+    assert tok.encode("Hello<|endoftext|>", allow_special=True) == [15496, 50256]
     assert tok.eot_id == 50256 and tok.pad_id == 50257 and tok.vocab_size == 50262
 
 

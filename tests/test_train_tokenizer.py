@@ -66,3 +66,38 @@ def test_errors(tmp_path, src, capsys):
     assert e.value.code == 1
     assert capsys.readouterr().err == (f"error: no text to train on in {empty} (1 records read, "
                                        "skipped {'empty': 1})\n")
+
+
+def test_lone_surrogate_is_skipped_not_a_traceback(tmp_path, capsys):
+    src = tmp_path / "s.jsonl"
+    src.write_bytes(b'{"text": "lone \\ud800 surrogate"}\n' + b'{"text": "plain text to learn from"}\n' * 3)
+    main(["--source", str(src), "--out", str(tmp_path / "t.json"), "--vocab-size", "300"])
+    assert capsys.readouterr().err.endswith("4 records read, skipped {'invalid_utf8': 1}\n")
+
+
+def test_sizes_refused_in_one_line(tmp_path, src):
+    """`--piece_chars 0` used to loop forever: a subprocess with a timeout, so a hang fails."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for flag, value, want in (("--piece_chars", "0", "--piece_chars must be a positive integer, got 0"),
+                              ("--max-chars", "-1", "--max_chars must be >= 0 (0 = no limit), got -1"),
+                              ("--max_bad_lines", "-2", "--max_bad_lines must be >= 0 (0 = no limit), got -2")):
+        run = subprocess.run([sys.executable, "-m", "data_prep.train_tokenizer", "--source", str(src), "--out",
+                              str(tmp_path / "t.json"), flag, value], cwd=ROOT, env=env, capture_output=True,
+                             text=True, timeout=120)
+        assert (run.returncode, run.stderr) == (1, f"error: {want}\n")
+    assert not (tmp_path / "t.json").exists()
+
+
+def test_unwritable_out_is_one_line(tmp_path, src, capsys, monkeypatch):
+    """A full disk when the tokenizer is written: the file asked for is named, no .tmp stays."""
+    import errno
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(SystemExit) as e:
+        main(["--source", str(src), "--out", str(tmp_path / "t.json"), "--vocab_size", "300"])
+    assert e.value.code == 1
+    assert capsys.readouterr().err == f"error: {tmp_path / 't.json'}: No space left on device\n"
+    assert list(tmp_path.iterdir()) == []
