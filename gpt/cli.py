@@ -3,6 +3,7 @@
     gpt sample --checkpoint runs/x/checkpoints/last.ckpt --prompt "Once upon a time" \
                --max_new_tokens 200 --temperature 0.8 --top_k 200 --seed 1337
     gpt export --checkpoint runs/x/checkpoints/last.ckpt --out exports/x --format hf
+    gpt chat   --checkpoint runs/demo/sft/checkpoints/last.ckpt --system "Be brief."
     python -m gpt sample --help
 
 Options take underscores or dashes (`--max-new-tokens`). A checkpoint is any kind
@@ -97,7 +98,9 @@ def export(checkpoint: str, out: str, format: Literal["hf", "native"] = "hf",
     print(path)
 
 
-COMMANDS: list[Callable[..., None]] = [sample, export]
+from gpt.chat_cli import chat  # noqa: E402  (gpt chat lives in its own module)
+
+COMMANDS: list[Callable[..., None]] = [sample, export, chat]
 
 
 def _underscore_options(argv: list[str]) -> list[str]:
