@@ -27,6 +27,7 @@ from typing import Any, Optional
 import torch
 
 from gpt.config import GPTConfig
+from gpt.lora import merged_state  # a LoRA run's adapters are merged into the weights on load
 from gpt.model import GPT
 
 WEIGHTS = "model.safetensors"
@@ -142,6 +143,7 @@ def _load_deepspeed(d: Path) -> tuple[GPT, Any]:
     from gpt.zero import load_consolidated
 
     state, meta = load_consolidated(d)
+    state = merged_state(meta, state)
     return _build(d, meta["model_config"], state), _tokenizer_str(d, meta.get("tokenizer"))
 
 
@@ -162,6 +164,7 @@ def _load_lightning(f: Path) -> tuple[GPT, Any]:
             if k.startswith(prefix):
                 state[k[len(prefix):]] = v
                 break
+    state = merged_state(meta, state)
     return _build(f, meta["model_config"], state), _tokenizer_str(f, meta.get("tokenizer"))
 
 
