@@ -265,11 +265,14 @@ def chat(checkpoint: str, system: Optional[str] = None, max_new_tokens: int = 25
         tokenizer: a tokenizer.json (or GPT-2 vocab/merges dir) overriding the checkpoint's.
     """
     from gpt.checkpoint import CheckpointError
-    from gpt.cli import _model_and_tokenizer
+    from gpt.cli import _model_and_tokenizer, _utf8
+    from gpt.generate import check_sampling
 
+    check_sampling(max_new_tokens, temperature, top_k, top_p, seed)  # before a model is loaded
     if max_new_tokens < 1:
-        raise ValueError(f"--max_new_tokens must be >= 1, got {max_new_tokens}")
+        raise ValueError(f"max_new_tokens must be >= 1 for a reply, got {max_new_tokens}")
     if system is not None:
+        _utf8("system", system)
         try:
             validate_messages([{"role": "system", "content": system}])
         except ChatFormatError as e:

@@ -9,11 +9,16 @@
 Prompts of different lengths share one batch by left-padding: position ids restart at 0 on
 each row's first real token, and the attention mask hides the pad keys. `generate_uncached`
 is the recompute-everything reference loop the tests and benchmarks compare against.
+Both check their sampling arguments first (`check_sampling`): a negative temperature would
+invert the distribution and a top_p of 0 or 1.5 would quietly mean greedy or "off", so each is
+refused with a ValueError naming the argument.
 `IncrementalDecoder` turns a stream of token ids into printable text pieces (it holds back an
 incomplete multi-byte UTF-8 character until the token that completes it arrives).
 """
 from __future__ import annotations
 
+import math
+from numbers import Integral, Real
 from typing import Callable, Optional, Sequence, Union
 
 import torch
@@ -59,6 +64,25 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[
         logits = top_p_filter(logits, top_p)
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, Integral) and not isinstance(x, bool)
+
+
+def check_sampling(max_new_tokens: int, temperature: float = 1.0, top_k: Optional[int] = None,
+                   top_p: Optional[float] = None, seed: Optional[int] = None) -> None:
+    """ValueError, naming the argument, for a value that sampling would misread."""
+    if not _is_int(max_new_tokens) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    if not (isinstance(temperature, Real) and math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+    if top_k is not None and (not _is_int(top_k) or top_k < 0):
+        raise ValueError(f"top_k must be an integer >= 0 (0 or None = all tokens), got {top_k!r}")
+    if top_p is not None and not (isinstance(top_p, Real) and 0 < top_p <= 1):
+        raise ValueError(f"top_p must be in (0, 1] (None = off), got {top_p!r}")
+    if seed is not None and (not _is_int(seed) or not 0 <= seed < 2**64):
+        raise ValueError(f"seed must be an integer in [0, 2**64), got {seed!r}")
 
 
 def _stop_sets(stop_ids: StopIds, batch: int) -> list[set[int]]:
@@ -140,7 +164,8 @@ def generate(model: GPT, prompts: Sequence[Sequence[int]], max_new_tokens: int, 
              top_k: Optional[int] = None, top_p: Optional[float] = None, seed: Optional[int] = None,
              stop_ids: StopIds = None, on_token: OnToken = None) -> list[list[int]]:
     """New token ids per row, generated with a KV cache. See the module docstring."""
-    if max_new_tokens <= 0:
+    check_sampling(max_new_tokens, temperature, top_k, top_p, seed)
+    if max_new_tokens == 0:
         return [[] for _ in prompts]
     _check_length(model, prompts, max_new_tokens)
     param = next(model.parameters())
@@ -176,7 +201,8 @@ def generate_uncached(model: GPT, prompts: Sequence[Sequence[int]], max_new_toke
                       seed: Optional[int] = None, stop_ids: StopIds = None,
                       on_token: OnToken = None) -> list[list[int]]:
     """The reference loop: the whole (left-padded) sequence through the model at every step."""
-    if max_new_tokens <= 0:
+    check_sampling(max_new_tokens, temperature, top_k, top_p, seed)
+    if max_new_tokens == 0:
         return [[] for _ in prompts]
     _check_length(model, prompts, max_new_tokens)
     device = next(model.parameters()).device

@@ -14,13 +14,13 @@ GPT-2 head) is refused with a ValueError rather than exported approximately.
 
 Reading needs only `safetensors` and `json`: transformers is not imported, no remote code is
 run, and pickled `pytorch_model.bin` files are refused (convert them to safetensors first).
+As in transformers, every tensor must have the shape config.json implies (and be floating
+point): a wrong-sized embedding is refused in one line naming it, never cropped or zero-filled.
 """
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from gpt.checkpoint import CheckpointError, atomic_dir, build_model
 from gpt.config import GPTConfig
 from gpt.model import GPT
 
@@ -47,19 +48,16 @@ def export_hf(model: GPT, out_dir: str | os.PathLike, tokenizer: Any = None) -> 
     tokenizer: a gpt.tokenizer.Tokenizer; its tokenizer.json is written alongside, its eot/pad
     ids go into config.json, and the chat template (gpt.chat) into tokenizer_config.json and
     generation_config.json.
-    The directory is written under a temporary name and renamed, so a crash never leaves a
-    half export; an existing directory is replaced only if it holds nothing but export files.
+    The directory is written under a temporary name and renamed (gpt.checkpoint.atomic_dir), so
+    a crash never leaves a half export; an existing directory is replaced only if it holds
+    nothing but export files. Files and directory get the modes the umask gives.
     """
     cfg = model.config
     hf_config = _hf_config(cfg, next(model.parameters()).dtype)
     if tokenizer is not None:
         hf_config.update(_token_ids(tokenizer, cfg.vocab_size))
-    out = Path(out_dir).resolve()  # "." or a symlink: the rename below needs the real directory
-    _check_replaceable(out)
-    tensors = _gpt2_to_hf(model) if cfg.flavour == "gpt2" else _llama_to_hf(model)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_dir(out_dir, EXPORT_FILES) as tmp:
+        tensors = _gpt2_to_hf(model) if cfg.flavour == "gpt2" else _llama_to_hf(model)
         # transformers refuses a safetensors file without format metadata.
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
         _write_json(tmp / "config.json", hf_config)
@@ -71,11 +69,7 @@ def export_hf(model: GPT, out_dir: str | os.PathLike, tokenizer: Any = None) -> 
             _write_json(tmp / "tokenizer_config.json",
                         {**_tokenizer_config(tmp / "tokenizer.json", tokenizer, cfg), **chat["tokenizer_config.json"]})
             _write_json(tmp / "generation_config.json", chat["generation_config.json"])
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return Path(out_dir).resolve()
 
 
 def _hf_config(cfg: GPTConfig, dtype: torch.dtype) -> dict[str, Any]:
@@ -184,26 +178,6 @@ def _qkv_sizes(cfg: GPTConfig) -> list[int]:
     return [cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim]
 
 
-def _check_replaceable(out: Path) -> None:
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"{out}: exists and is not a directory")
-    if out.is_dir():
-        foreign = sorted(p.name for p in out.iterdir() if p.name not in EXPORT_FILES)
-        if foreign:
-            raise ValueError(f"{out}: refusing to replace a directory holding non-export files ({', '.join(foreign[:5])})")
-
-
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Move tmp into place; an old export is moved aside first (a directory rename cannot overwrite)."""
-    old = None
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        os.replace(out, old / out.name)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def _write_json(path: Path, obj: dict[str, Any]) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
@@ -213,19 +187,18 @@ def load_hf(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> GPT:
     """Our GPT from an HF gpt2/llama directory (ours or transformers' `save_pretrained`).
 
     Reads config.json and model.safetensors (or a sharded model.safetensors.index.json) with
-    plain json + safetensors; raises a one-line ValueError for anything else.
+    plain json + safetensors. Every tensor must have exactly the shape config.json implies and a
+    floating-point dtype, as transformers requires: an embedding with 8 or 5000 rows for a
+    4096 vocabulary is refused, not cropped or zero-filled. Errors are one line (ValueError).
     """
     d = Path(path)
     hf = read_hf_config(d)
     cfg = config_from_hf(hf)
-    tensors = {_strip_prefix(k): v for k, v in _read_weights(d).items() if not k.endswith(IGNORED_SUFFIXES)}
-    state = _hf_to_gpt2(tensors, cfg) if cfg.flavour == "gpt2" else _hf_to_llama(tensors, cfg, hf)
-    if tensors:
-        raise ValueError(f"{d}: unexpected weights for a plain {hf['model_type']} model: {', '.join(sorted(tensors)[:5])}")
-    model = GPT(cfg)
-    _check_shapes(d, state, model)
-    model.load_state_dict(state, strict=True)
-    return model.to(dtype).eval()
+    weights = _Weights(d, _read_weights(d))
+    state = _hf_to_gpt2(weights, cfg) if cfg.flavour == "gpt2" else _hf_to_llama(weights, cfg, hf)
+    if weights.left():
+        raise CheckpointError(f"{d}: unexpected weights for a plain {hf['model_type']} model: {', '.join(weights.left()[:5])}")
+    return build_model(d, cfg, state).to(dtype).eval()
 
 
 def read_hf_config(path: str | os.PathLike) -> dict[str, Any]:
@@ -309,10 +282,32 @@ def _strip_prefix(name: str) -> str:
     return name
 
 
-def _take(tensors: dict[str, torch.Tensor], name: str) -> torch.Tensor:
-    if name not in tensors:
-        raise ValueError(f"missing weight {name!r}: not a complete checkpoint for this config")
-    return tensors.pop(name)
+class _Weights:
+    """An HF checkpoint's tensors by unprefixed name; `take` checks each against its expected shape."""
+
+    def __init__(self, d: Path, tensors: dict[str, torch.Tensor]):
+        self.d = d
+        self.file_names = {_strip_prefix(k): k for k in tensors if not k.endswith(IGNORED_SUFFIXES)}
+        self.tensors = {s: tensors[k] for s, k in self.file_names.items()}
+
+    def take(self, name: str, *shape: int) -> torch.Tensor:
+        if name not in self.tensors:
+            raise CheckpointError(f"{self.d}: missing weight {name!r}: not a complete checkpoint for this config")
+        return self.check(name, self.tensors.pop(name), shape)
+
+    def take_optional(self, name: str, *shape: int) -> Optional[torch.Tensor]:
+        return self.take(name, *shape) if name in self.tensors else None
+
+    def check(self, name: str, t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        where = f"{self.d}: {self.file_names[name]}"
+        if not t.is_floating_point():
+            raise CheckpointError(f"{where} has dtype {str(t.dtype).removeprefix('torch.')}; weights must be floating point")
+        if tuple(t.shape) != shape:
+            raise CheckpointError(f"{where} has shape {tuple(t.shape)}, config.json implies {shape}")
+        return t
+
+    def left(self) -> list[str]:
+        return sorted(self.file_names[s] for s in self.tensors)
 
 
 def _pad_rows(t: torch.Tensor, cfg: GPTConfig) -> torch.Tensor:
@@ -320,54 +315,52 @@ def _pad_rows(t: torch.Tensor, cfg: GPTConfig) -> torch.Tensor:
     return F.pad(t, (0, 0, 0, cfg.padded_vocab_size - t.size(0)))
 
 
-def _head(t: dict[str, torch.Tensor], wte: torch.Tensor, cfg: GPTConfig) -> torch.Tensor:
-    head = t.pop("lm_head.weight", None)  # a tied model ignores a saved head, as HF does
-    if cfg.tie_embeddings:
+def _head(w: _Weights, wte: torch.Tensor, cfg: GPTConfig) -> torch.Tensor:
+    head = w.take_optional("lm_head.weight", cfg.vocab_size, cfg.n_embd)
+    if cfg.tie_embeddings:  # a tied model ignores a saved head, as HF does
         return wte
     if head is None:
-        raise ValueError("missing weight 'lm_head.weight': config says untied embeddings")
+        raise CheckpointError(f"{w.d}: missing weight 'lm_head.weight': config says untied embeddings")
     return _pad_rows(head, cfg)
 
 
-def _hf_to_gpt2(t: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[str, torch.Tensor]:
-    wte = _pad_rows(_take(t, "wte.weight"), cfg)
-    s = {"wte.weight": wte, "wpe.weight": _take(t, "wpe.weight"), "lm_head.weight": _head(t, wte, cfg),
-         "norm_f.weight": _take(t, "ln_f.weight"), "norm_f.bias": _take(t, "ln_f.bias")}
+def _hf_to_gpt2(w: _Weights, cfg: GPTConfig) -> dict[str, torch.Tensor]:
+    C, I = cfg.n_embd, cfg.intermediate_size
+    wte = _pad_rows(w.take("wte.weight", cfg.vocab_size, C), cfg)
+    s = {"wte.weight": wte, "wpe.weight": w.take("wpe.weight", cfg.block_size, C), "lm_head.weight": _head(w, wte, cfg),
+         "norm_f.weight": w.take("ln_f.weight", C), "norm_f.bias": w.take("ln_f.bias", C)}
     for i in range(cfg.n_layer):
         p, q = f"h.{i}.", f"blocks.{i}."
         for hf_name, ours in (("ln_1", "norm1"), ("ln_2", "norm2")):
-            s[q + ours + ".weight"], s[q + ours + ".bias"] = _take(t, p + hf_name + ".weight"), _take(t, p + hf_name + ".bias")
-        for hf_name, ours in (("attn.c_attn", "attn.qkv"), ("attn.c_proj", "attn.proj"),
-                              ("mlp.c_fc", "mlp.fc"), ("mlp.c_proj", "mlp.proj")):
-            s[q + ours + ".weight"] = _take(t, p + hf_name + ".weight").t().contiguous()  # Conv1D (in, out)
-            s[q + ours + ".bias"] = _take(t, p + hf_name + ".bias")
+            s[q + ours + ".weight"] = w.take(p + hf_name + ".weight", C)
+            s[q + ours + ".bias"] = w.take(p + hf_name + ".bias", C)
+        # HF's Conv1D stores weights (in, out): the transpose of nn.Linear.
+        for hf_name, ours, n_in, n_out in (("attn.c_attn", "attn.qkv", C, 3 * C), ("attn.c_proj", "attn.proj", C, C),
+                                           ("mlp.c_fc", "mlp.fc", C, I), ("mlp.c_proj", "mlp.proj", I, C)):
+            s[q + ours + ".weight"] = w.take(p + hf_name + ".weight", n_in, n_out).t().contiguous()
+            s[q + ours + ".bias"] = w.take(p + hf_name + ".bias", n_out)
     return s
 
 
-def _hf_to_llama(t: dict[str, torch.Tensor], cfg: GPTConfig, hf: dict[str, Any]) -> dict[str, torch.Tensor]:
-    wte = _pad_rows(_take(t, "embed_tokens.weight"), cfg)
-    s = {"wte.weight": wte, "lm_head.weight": _head(t, wte, cfg), "norm_f.weight": _take(t, "norm.weight")}
+def _hf_to_llama(w: _Weights, cfg: GPTConfig, hf: dict[str, Any]) -> dict[str, torch.Tensor]:
+    C, I = cfg.n_embd, cfg.intermediate_size
+    wte = _pad_rows(w.take("embed_tokens.weight", cfg.vocab_size, C), cfg)
+    s = {"wte.weight": wte, "lm_head.weight": _head(w, wte, cfg), "norm_f.weight": w.take("norm.weight", C)}
     attn_bias, mlp_bias = bool(hf.get("attention_bias")), bool(hf.get("mlp_bias"))
+    q_rows, kv_rows, _ = _qkv_sizes(cfg)
     for i in range(cfg.n_layer):
         p, q = f"layers.{i}.", f"blocks.{i}."
-        s[q + "norm1.weight"] = _take(t, p + "input_layernorm.weight")
-        s[q + "norm2.weight"] = _take(t, p + "post_attention_layernorm.weight")
+        s[q + "norm1.weight"] = w.take(p + "input_layernorm.weight", C)
+        s[q + "norm2.weight"] = w.take(p + "post_attention_layernorm.weight", C)
         for suffix in ("weight", "bias") if cfg.bias else ("weight",):
-            def get(name: str, has_bias: bool, rows: int) -> torch.Tensor:
-                if suffix == "bias" and not has_bias:
-                    return torch.zeros(rows)
-                return _take(t, f"{p}{name}.{suffix}")
-            qkv = [get(f"self_attn.{n}_proj", attn_bias, r) for n, r in zip("qkv", _qkv_sizes(cfg))]
+            def get(name: str, has_bias: bool, rows: int, cols: int) -> torch.Tensor:
+                if suffix == "bias":
+                    return w.take(f"{p}{name}.bias", rows) if has_bias else torch.zeros(rows)
+                return w.take(f"{p}{name}.weight", rows, cols)
+            qkv = [get(f"self_attn.{n}_proj", attn_bias, r, C) for n, r in zip("qkv", (q_rows, kv_rows, kv_rows))]
             s[f"{q}attn.qkv.{suffix}"] = torch.cat(qkv, dim=0)
-            s[f"{q}attn.proj.{suffix}"] = get("self_attn.o_proj", attn_bias, cfg.n_embd)
-            gate_up = [get(f"mlp.{n}_proj", mlp_bias, cfg.intermediate_size) for n in ("gate", "up")]
+            s[f"{q}attn.proj.{suffix}"] = get("self_attn.o_proj", attn_bias, C, q_rows)
+            gate_up = [get(f"mlp.{n}_proj", mlp_bias, I, C) for n in ("gate", "up")]
             s[f"{q}mlp.fc.{suffix}"] = torch.cat(gate_up, dim=0)
-            s[f"{q}mlp.proj.{suffix}"] = get("mlp.down_proj", mlp_bias, cfg.n_embd)
+            s[f"{q}mlp.proj.{suffix}"] = get("mlp.down_proj", mlp_bias, C, I)
     return s
-
-
-def _check_shapes(d: Path, state: dict[str, torch.Tensor], model: GPT) -> None:
-    for name, ref in model.state_dict().items():
-        if name in state and state[name].shape != ref.shape:
-            raise ValueError(f"{d}: weight for {name} has shape {tuple(state[name].shape)}, "
-                             f"config.json implies {tuple(ref.shape)}")

@@ -161,3 +161,102 @@ def test_mismatched_or_corrupt_weights_give_one_line_errors(tmp_path):
     _one_line_error(out, "safetensors")
     (out / "config.json").write_text("{not json")
     _one_line_error(out, "not valid JSON")
+
+
+def _save_lightning_state(path, model: GPT, change) -> None:
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    change(state)
+    torch.save({"state_dict": {"model." + k: v for k, v in state.items()},
+                "gpt": {"model_config": model.config.to_dict()}}, path)
+
+
+WRONG_WEIGHTS = {
+    # name: (change to the state dict, the whole message after "PATH: ")
+    "shape": (lambda s: s.__setitem__("blocks.0.attn.qkv.weight", torch.zeros(96, 64)),
+              "blocks.0.attn.qkv.weight has shape (96, 64), the model config implies (192, 64)"),
+    "embedding rows": (lambda s: s.__setitem__("wte.weight", torch.zeros(8, 64)),
+                       "wte.weight has shape (8, 64), the model config implies (320, 64)"),
+    "int tensor": (lambda s: s.__setitem__("norm_f.weight", torch.ones(64, dtype=torch.int32)),
+                   "norm_f.weight has dtype int32; weights must be floating point"),
+    "missing": (lambda s: [s.pop(k) for k in [k for k in list(s) if k.startswith("blocks.1.")]],
+                "weights do not match the model config: missing blocks.1.norm1.weight, blocks.1.norm1.bias, "
+                "blocks.1.attn.qkv.weight (+9 more)"),
+    "unexpected": (lambda s: s.__setitem__("blocks.2.norm1.weight", torch.ones(64)),
+                   "weights do not match the model config: unexpected blocks.2.norm1.weight"),
+}
+
+
+@pytest.mark.parametrize("case", list(WRONG_WEIGHTS))
+def test_lightning_weights_that_do_not_fit_are_one_line_naming_the_tensor(tmp_path, case):
+    change, message = WRONG_WEIGHTS[case]
+    path = tmp_path / "w.ckpt"
+    _save_lightning_state(path, tiny(), change)
+    with pytest.raises(CheckpointError) as e:
+        load_model(path)
+    assert str(e.value) == f"{path}: {message}"
+
+
+def test_native_weights_that_do_not_fit_are_one_line_naming_the_tensor(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    out = save_model(tiny(), tmp_path / "export")
+    w = out / "model.safetensors"
+    state = load_file(w)
+    state["wte.weight"] = torch.zeros(5000, 64)
+    save_file(state, w)
+    with pytest.raises(CheckpointError) as e:
+        load_model(out)
+    assert str(e.value) == f"{w}: wte.weight has shape (5000, 64), the model config implies (320, 64)"
+
+
+def test_unreadable_files_say_why_and_never_advise_weights_only_false(tmp_path):
+    import argparse
+
+    (tmp_path / "empty.ckpt").write_bytes(b"")
+    _one_line_error(tmp_path / "empty.ckpt", "empty file (0 bytes)")
+    torch.save({"a": torch.zeros(2)}, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    _one_line_error(tmp_path / "legacy.pt", "not the zip archive torch.save writes")
+    model = tiny()
+    torch.save({"state_dict": model.state_dict(), "hparams": argparse.Namespace(lr=1.0)}, tmp_path / "ns.ckpt")
+    with pytest.raises(CheckpointError) as e:
+        load_model(tmp_path / "ns.ckpt")
+    assert str(e.value) == (f"{tmp_path / 'ns.ckpt'}: holds a pickled argparse.Namespace, which the weights-only "
+                            "loader refuses (unpickling it could run code from the file)")
+
+
+def test_one_line_rewrites_torchs_weights_only_advice():
+    from gpt.checkpoint import one_line
+
+    advice = ("Weights only load failed. In PyTorch 2.6, we changed the default value of the `weights_only` "
+              "argument ... Re-running `torch.load` with `weights_only` set to `False` will likely succeed\n"
+              "WeightsUnpickler error: \n\nUnsupported operand 149\n\nCheck the documentation")
+    assert one_line(RuntimeError(advice)) == "holds pickled data the weights-only loader refuses (Unsupported operand 149)"
+    assert one_line(RuntimeError("first\nsecond")) == "first"
+    assert one_line(EOFError()) == "EOFError"
+
+
+def test_a_tokenizer_larger_than_the_model_is_refused(tmp_path):
+    model, tok = GPT(GPTConfig.from_preset("tiny", vocab_size=100)).eval(), trained_tokenizer()
+    path = lightning_ckpt(model, tmp_path / "a.ckpt", tok)
+    with pytest.raises(CheckpointError) as e:
+        load_model(path)
+    assert str(e.value) == (f"{path}: the checkpoint's tokenizer has {tok.vocab_size} token ids but the model's "
+                            "vocabulary has 100: they do not belong together")
+
+
+def test_a_gpt2_vocabulary_with_appended_specials_fits_its_model(tmp_path):
+    """gpt.tokenizer appends <|pad|> and the chat specials after GPT-2's 50257 ids: plain text never
+    yields them, so a GPT-2-sized model (here: 256 bytes + <|endoftext|>) still takes the tokenizer."""
+    from tokenizers import pre_tokenizers
+
+    from gpt.checkpoint import check_vocab
+
+    byte_symbols = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {s: i for i, s in enumerate(byte_symbols)} | {"<|endoftext|>": 256}
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n")
+    tok = Tokenizer.from_file(tmp_path / "vocab.json")
+    assert tok.vocab_size == 262 and tok.eot_id == 256
+    check_vocab(tok, GPTConfig.from_preset("tiny", vocab_size=257), "gpt2")
+    with pytest.raises(CheckpointError, match="has 257 token ids but the model's vocabulary has 256"):
+        check_vocab(tok, GPTConfig.from_preset("tiny", vocab_size=256), "gpt2")

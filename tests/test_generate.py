@@ -129,3 +129,35 @@ def test_incremental_decoder_does_not_hold_invalid_bytes_forever():
     dec = IncrementalDecoder(_ByteTok())
     pieces = [dec.push(b) for b in [0xFF, 0xFE, 0xFD, 0xFC, ord("a")]]
     assert pieces[3] == "\ufffd" * 4 and pieces[4] == "a"
+
+
+BAD_ARGS = [  # (keyword arguments, the argument the error must name)
+    (dict(max_new_tokens=-1), "max_new_tokens"),
+    (dict(max_new_tokens=2.5), "max_new_tokens"),
+    (dict(temperature=-0.5), "temperature"),  # would invert the distribution
+    (dict(temperature=float("nan")), "temperature"),
+    (dict(temperature=float("inf")), "temperature"),
+    (dict(top_k=-1), "top_k"),
+    (dict(top_p=0.0), "top_p"),  # would mean greedy
+    (dict(top_p=1.5), "top_p"),  # would mean off
+    (dict(top_p=float("nan")), "top_p"),
+    (dict(seed=-1), "seed"),
+    (dict(seed=2**64), "seed"),  # torch: "Overflow when unpacking long long", after the prompt was printed
+]
+
+
+@pytest.mark.parametrize("kw, name", BAD_ARGS, ids=[f"{k}={v}" for kw, _ in BAD_ARGS for k, v in kw.items()])
+@pytest.mark.parametrize("fn", [generate, generate_uncached])
+def test_bad_sampling_arguments_are_refused_by_name(fn, kw, name):
+    model = _model("tiny")
+    args = {"max_new_tokens": 4, "temperature": 1.0, "seed": 0, **kw}
+    with pytest.raises(ValueError, match=rf"^{name} must be") as e:
+        fn(model, PROMPTS, **args)
+    assert "\n" not in str(e.value)
+
+
+def test_edge_values_that_are_valid():
+    model = _model("tiny")
+    assert generate(model, PROMPTS, max_new_tokens=0) == [[], [], []]
+    assert generate(model, PROMPTS, max_new_tokens=3, temperature=0, top_p=1.0, top_k=0, seed=2**64 - 1) == \
+        generate(model, PROMPTS, max_new_tokens=3, temperature=0)

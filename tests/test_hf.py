@@ -1,5 +1,6 @@
 """gpt/hf.py: export to transformers and back, with logits compared (not just shapes)."""
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -270,3 +271,41 @@ def test_greedy_generation_matches_transformers(tmp_path, case):
         expected = hf.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
                                max_new_tokens=16, pad_token_id=0)
         assert torch.equal(greedy_with_cache(ours, prompt, 16), expected)
+
+
+def _edit_weights(d: Path, **changes) -> None:
+    f = d / "model.safetensors"
+    tensors = load_file(f)
+    tensors.update(changes)
+    save_file(tensors, f, metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("preset, name", [("tiny", "transformer.wte.weight"), ("tiny-llama", "model.embed_tokens.weight")])
+@pytest.mark.parametrize("rows", [8, 5000])
+def test_import_refuses_an_embedding_of_the_wrong_size(tmp_path, preset, name, rows):
+    """transformers refuses it; before, rows were zero-filled (8) or cropped (5000) and `gpt export`
+    wrote a "valid" model from it."""
+    d = export_hf(random_model(preset), tmp_path / "hf")  # vocab 4096
+    _edit_weights(d, **{name: torch.zeros(rows, 64)})
+    with pytest.raises(ValueError) as e:
+        load_hf(d)
+    assert str(e.value) == f"{d}: {name} has shape ({rows}, 64), config.json implies (4096, 64)"
+
+
+@pytest.mark.parametrize("preset, name, shape", [("tiny", "transformer.h.1.mlp.c_fc.weight", (64, 200)),
+                                                 ("tiny-llama", "model.layers.0.self_attn.k_proj.weight", (64, 64)),
+                                                 ("tiny-llama", "lm_head.weight", (4000, 64))])
+def test_import_refuses_any_tensor_of_the_wrong_shape(tmp_path, preset, name, shape):
+    d = export_hf(random_model(preset), tmp_path / "hf")
+    _edit_weights(d, **{name: torch.zeros(shape)})
+    one_line_error(ValueError, load_hf, d, match=re.escape(f"{name} has shape {shape}, config.json implies"))
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int8, torch.bool])
+def test_import_refuses_non_float_weights(tmp_path, dtype):
+    d = export_hf(random_model("tiny"), tmp_path / "hf")
+    _edit_weights(d, **{"transformer.h.0.ln_1.weight": torch.ones(64, dtype=dtype)})
+    name = str(dtype).removeprefix("torch.")
+    with pytest.raises(ValueError) as e:
+        load_hf(d)
+    assert str(e.value) == f"{d}: transformer.h.0.ln_1.weight has dtype {name}; weights must be floating point"

@@ -40,8 +40,9 @@ def _config(tmp: Path, shards: Path, strategy: str, every: int = 5) -> tuple[Pat
     tmp.mkdir(parents=True, exist_ok=True)
     run_dir = tmp / strategy
     logits = {"class_path": "tests.zero_callbacks.SaveLiveLogits", "init_args": {"path": str(tmp / "logits.pt")}}
+    # vocab 300: room for the 300-id tokenizer gpt sample borrows below (a larger one is refused).
     cfg_path = write_config(tmp / f"{strategy}.yaml", run_dir, shards, devices=2, max_steps=STEPS,
-                            every_n_train_steps=every, callbacks=[logits])
+                            every_n_train_steps=every, callbacks=[logits], vocab_size=300)
     cfg = yaml.safe_load(cfg_path.read_text())
     if strategy != "ddp":
         # "_sharded": the model is built inside deepspeed.zero.Init, then initialized shard-wise.
