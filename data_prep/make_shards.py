@@ -33,6 +33,9 @@ and merge refuses tasks made from another input than the current one. A task tha
 input, full disk, no permission) removes its shards and temporary files before the one-line
 error, and a task being redone removes DIR/manifest.json first: no file is left claiming a
 dataset that is not there.
+
+The task machinery (task_from_env, doc_route, finished_task, run_task, check_tasks) is shared
+with data_prep.make_sft, which writes SFT and preference-pair shards the same way.
 """
 from __future__ import annotations
 
@@ -45,7 +48,7 @@ import time
 from collections import Counter, deque
 from itertools import chain
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Callable, Literal, Optional, Union
 
 import numpy as np
 
@@ -128,10 +131,11 @@ def _read_task(path: Path) -> dict:
         raise DataPrepError(f"{path}: unreadable task marker ({str(e).splitlines()[0][:200]})") from None
 
 
-def _finished_task(out: Path, task_id: int, num_tasks: int, settings: dict,
-                   sources: list, hub: dict) -> tuple[Optional[dict], list]:
+def finished_task(out: Path, task_id: int, num_tasks: int, settings: dict,
+                  sources: list, hub: dict) -> tuple[Optional[dict], list]:
     """(the partial manifest of a task done with these settings and this input, else None;
-    the input's fingerprint). Says in one line why a task that had finished is redone."""
+    the input's fingerprint). Says in one line why a task that had finished is redone.
+    Shared by every data-prep job that writes tasks (make_shards, make_sft)."""
     path, label = _task_path(out, task_id), f"task {task_id}/{num_tasks}"
     if not path.is_file():
         return None, fingerprint(sources, **hub)
@@ -153,10 +157,12 @@ def _finished_task(out: Path, task_id: int, num_tasks: int, settings: dict,
         _note(f"{label}: input changed since the last run ({_joined(diff)}); redoing the task")
         return None, inputs
     for rec in chain.from_iterable(part["splits"].values()):
-        f = out / rec["file"]
-        if not f.is_file() or f.stat().st_size != rec["bytes"]:
-            _note(f"{label}: shard {f} is missing or has another size; redoing the task")
-            return None, inputs
+        for entry in (rec, rec.get("mask"), rec.get("index")):  # post-training shards have two side files
+            f = out / entry["file"] if entry else None
+            if f and (not f.is_file() or f.stat().st_size != entry["bytes"]):
+                _note(f"{label}: shard {f} is missing or has another size; redoing the task")
+                return None, inputs
+    _note(f"{label}: already done ({path}), skipping")
     return part, inputs
 
 
@@ -238,10 +244,8 @@ def make_shards(source: Union[str, list[str]], tokenizer: str, out: str, text_fi
                 "piece_chars": piece_chars, "reader": reader, "hub_split": hub_split, "hub_config": hub_config,
                 "txt_sample_by": txt_sample_by}
     hub = {"hub_config": hub_config, "hub_split": hub_split}
-    part, inputs = _finished_task(out_dir, task_id, num_tasks, settings, sources, hub)
-    if part is not None:
-        _note(f"task {task_id}/{num_tasks}: already done ({_task_path(out_dir, task_id)}), skipping")
-    else:
+    part, inputs = finished_task(out_dir, task_id, num_tasks, settings, sources, hub)
+    if part is None:
         part = _run_task(sources, inputs, tok, out_dir, settings, dtype, task_id, num_tasks, num_proc,
                          max_bad_lines, batch_chars, progress)
     if num_tasks == 1:
@@ -252,34 +256,57 @@ def make_shards(source: Union[str, list[str]], tokenizer: str, out: str, text_fi
 def _run_task(sources, inputs: list, tok: Tokenizer, out: Path, settings: dict, dtype: str, task_id: int,
               num_tasks: int, num_proc: int, max_bad_lines: int, batch_chars: int,
               progress: bool) -> dict[str, Any]:
+    written = {}
+
+    def work() -> dict[str, Any]:
+        stream = DocumentStream(sources, settings["text_field"], settings["reader"], settings["max_doc_chars"],
+                                max_bad_lines, settings["hub_split"], settings["txt_sample_by"], settings["hub_config"])
+        stream.skip_hook = lambda index: index % num_tasks == task_id  # each skip counted by one task
+        writers = {s: ShardWriter(out, f"{s}_t{task_id:05d}", dtype, settings["max_tokens_per_shard"]) for s in SPLITS}
+        try:
+            documents, duplicates = _write_documents(stream, tok, writers, settings, dtype, task_id, num_tasks,
+                                                     num_proc, batch_chars, progress)
+            if num_tasks == 1 and not documents:  # fail before the done marker, so a fixed input re-runs
+                raise _nothing_written(settings["sources"], stream.index, dict(stream.skipped), duplicates)
+            splits = {s: w.close() for s, w in writers.items()}
+            written.update(documents=documents)
+        except BaseException:
+            for w in writers.values():
+                w.abort()
+            raise
+        return {"dtype": dtype, "tokenizer": {"hash": tok.content_hash, "vocab_size": tok.vocab_size},
+                "eot_id": tok.eot_id, "special_ids": tok.special_ids, "sources": describe(sources),
+                "splits": splits, "skipped": dict(sorted(stream.skipped.items())), "duplicates": duplicates,
+                "records_read": stream.index}
+
+    part = run_task(out, task_id, num_tasks, sources, inputs, settings, work)
+    n = {s: sum(r["tokens"] for r in part["splits"][s]) for s in SPLITS}
+    _note(f"task {task_id}/{num_tasks}: {n['train']} train + {n['val']} val tokens, {written['documents']} documents, "
+          f"{part['duplicates']} duplicates, skipped {part['skipped'] or 'none'}")
+    return part
+
+
+def run_task(out: Path, task_id: int, num_tasks: int, sources: list, inputs: list, settings: dict,
+             work: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """The task frame every data-prep job shares: clear what a killed run of this task left, run
+    `work()` (it writes the task's `*_tNNNNN_*.bin` files and returns its marker's fields, "splits"
+    among them), check that the input did not change meanwhile, then write the marker — last, so a
+    task is done only once everything it wrote is there. On any failure the task's files go (and
+    the directories this run made, if empty) before the error propagates."""
     created = [d for d in (out, out / TASKS_DIR) if not d.exists()]
     (out / TASKS_DIR).mkdir(parents=True, exist_ok=True)
     _task_path(out, task_id).unlink(missing_ok=True)  # a marker whose shards went missing: not done
     (out / MANIFEST).unlink(missing_ok=True)  # it lists this task's shards, which are about to go
     _remove_task_files(out, task_id)  # leftovers of a killed run of this task
-    stream = DocumentStream(sources, settings["text_field"], settings["reader"], settings["max_doc_chars"],
-                            max_bad_lines, settings["hub_split"], settings["txt_sample_by"], settings["hub_config"])
-    stream.skip_hook = lambda index: index % num_tasks == task_id  # each skip counted by one task
-    writers = {s: ShardWriter(out, f"{s}_t{task_id:05d}", dtype, settings["max_tokens_per_shard"]) for s in SPLITS}
     try:
-        documents, duplicates = _write_documents(stream, tok, writers, settings, dtype, task_id, num_tasks,
-                                                 num_proc, batch_chars, progress)
+        fields = work()
         diff = changes(inputs, fingerprint(sources, settings["hub_config"], settings["hub_split"], reuse=inputs))
         if diff:
             raise DataPrepError(f"input changed while it was read ({_joined(diff)}); run again once it is complete")
-        if num_tasks == 1 and not documents:  # fail before the done marker, so a fixed input re-runs
-            raise _nothing_written(settings["sources"], stream.index, dict(stream.skipped), duplicates)
         part = {"format": FORMAT + "-task", "version": VERSION, "task_id": task_id, "num_tasks": num_tasks,
-                "settings": settings, "inputs": inputs, "dtype": dtype,
-                "tokenizer": {"hash": tok.content_hash, "vocab_size": tok.vocab_size}, "eot_id": tok.eot_id,
-                "special_ids": tok.special_ids, "sources": describe(sources),
-                "splits": {s: w.close() for s, w in writers.items()},
-                "skipped": dict(sorted(stream.skipped.items())), "duplicates": duplicates,
-                "records_read": stream.index}
+                "settings": settings, "inputs": inputs, **fields}
         atomic_write_bytes(_task_path(out, task_id), (json.dumps(part, indent=1) + "\n").encode())  # the done marker
     except BaseException:  # a failed task leaves no shard, .tmp or marker behind
-        for w in writers.values():
-            w.abort()
         _remove_task_files(out, task_id)
         for d in reversed(created):  # directories this run made, if nothing else is in them
             try:
@@ -287,9 +314,6 @@ def _run_task(sources, inputs: list, tok: Tokenizer, out: Path, settings: dict, 
             except OSError:
                 pass
         raise
-    n = {s: sum(r["tokens"] for r in part["splits"][s]) for s in SPLITS}
-    _note(f"task {task_id}/{num_tasks}: {n['train']} train + {n['val']} val tokens, {documents} documents, "
-          f"{duplicates} duplicates, skipped {part['skipped'] or 'none'}")
     return part
 
 
@@ -368,21 +392,11 @@ def merge(out: str) -> dict[str, Any]:
         out: the dataset directory the tasks wrote to.
     """
     out_dir = Path(out)
-    paths = sorted((out_dir / TASKS_DIR).glob("task_*.json"))
-    if not paths:
-        raise DataPrepError(f"{out_dir}: no finished tasks ({TASKS_DIR}/task_*.json) to merge")
-    parts = [_read_task(p) for p in paths]
-    first = parts[0]
-    num_tasks = first["num_tasks"]
-    for p, part in zip(paths, parts):
-        if part["settings"] != first["settings"]:
-            raise DataPrepError(f"{p}: made with other settings than {paths[0].name}; cannot merge")
-    have = {part["task_id"] for part in parts}
-    missing = [t for t in range(num_tasks) if t not in have]
-    if missing:
-        raise DataPrepError(f"{out_dir}: {len(missing)} of {num_tasks} tasks have not finished (task ids {_ids(missing)})")
-    parts = sorted((p for p in parts if p["task_id"] < num_tasks), key=lambda p: p["task_id"])
-    inputs = _current_inputs(out_dir, parts)
+    parts, inputs = check_tasks(out_dir)
+    first, num_tasks = parts[0], parts[0]["num_tasks"]
+    if first["settings"].get("kind") is not None:
+        raise DataPrepError(f"{out_dir}: its tasks were written by data_prep.make_sft: merge them with "
+                            "python -m data_prep.make_sft merge")
     skipped: Counter[str] = Counter()
     for part in parts:
         skipped.update(part["skipped"])
@@ -404,6 +418,26 @@ def merge(out: str) -> dict[str, Any]:
     return manifest
 
 
+def check_tasks(out_dir: Path) -> tuple[list[dict], list]:
+    """(the task markers of DIR in task order, the input as it is now) once every task has finished
+    with the same settings and from the current input; DataPrepError (one line) otherwise."""
+    paths = sorted((out_dir / TASKS_DIR).glob("task_*.json"))
+    if not paths:
+        raise DataPrepError(f"{out_dir}: no finished tasks ({TASKS_DIR}/task_*.json) to merge")
+    parts = [_read_task(p) for p in paths]
+    first = parts[0]
+    num_tasks = first["num_tasks"]
+    for p, part in zip(paths, parts):
+        if part["settings"] != first["settings"]:
+            raise DataPrepError(f"{p}: made with other settings than {paths[0].name}; cannot merge")
+    have = {part["task_id"] for part in parts}
+    missing = [t for t in range(num_tasks) if t not in have]
+    if missing:
+        raise DataPrepError(f"{out_dir}: {len(missing)} of {num_tasks} tasks have not finished (task ids {_ids(missing)})")
+    parts = sorted((p for p in parts if p["task_id"] < num_tasks), key=lambda p: p["task_id"])
+    return parts, _current_inputs(out_dir, parts)
+
+
 def _ids(ids: list[int]) -> str:
     return ", ".join(map(str, ids[:10])) + (", ..." if len(ids) > 10 else "")
 
@@ -422,8 +456,8 @@ def _current_inputs(out_dir: Path, parts: list[dict]) -> list:
                             "(made by an older version): re-run them, then merge")
     settings = first["settings"]
     try:
-        now = fingerprint(resolve_sources(settings["sources"]), settings["hub_config"], settings["hub_split"],
-                          reuse=first["inputs"])
+        specs = settings["sources"] + settings.get("val_sources", [])  # make_sft's held-out sources too
+        now = fingerprint(resolve_sources(specs), settings["hub_config"], settings["hub_split"], reuse=first["inputs"])
     except (DataPrepError, OSError) as e:
         raise DataPrepError(f"{out_dir}: cannot check the input the tasks read ({e}); "
                             "merging needs the sources as they were") from None

@@ -9,7 +9,8 @@ A source is a local file, a glob, or a Hugging Face Hub dataset name:
     HuggingFaceFW/fineweb-edu      # anything else: datasets.load_dataset(name, hub_config, streaming=True)
 
 `reader="datasets"` sends local files through `datasets.load_dataset(..., streaming=True)` too
-(the Hub code path, testable offline on local files of the same schema).
+(the Hub code path, testable offline on local files of the same schema). `RowStream` yields
+whole records instead of one text field, for the chat data prep (data_prep/make_sft.py).
 
 Everything streams: memory is one document plus small counters, whatever the input size.
 Content problems are skipped and counted (`Counter` of reason -> count): "empty",
@@ -186,6 +187,7 @@ class DocumentStream:
 
     def __iter__(self) -> Iterator[tuple[str, str]]:
         for src in self.sources:
+            self.source = src
             if src.kind == "hub" or self.reader == "datasets" or src.kind == "parquet":
                 rows = self._datasets_rows(src)
             elif src.kind == "json":
@@ -238,11 +240,15 @@ class DocumentStream:
                 self._bad(where, why)
                 yield None, where
                 continue
-            text = self._check_text(obj.get(self.text_field, _MISSING), where, obj.keys())
-            if text is not None and maybe_surrogate and not _encodable(text):
-                self._skip("invalid_utf8")  # a lone surrogate: not text any tokenizer can take
-                text = None
-            yield text, where
+            yield self._record(obj, where, maybe_surrogate), where
+
+    def _record(self, obj: dict, where: str, maybe_surrogate: bool) -> Optional[str]:
+        """What one JSON object or dataset row yields: its text field, checked."""
+        text = self._check_text(obj.get(self.text_field, _MISSING), where, obj.keys())
+        if text is not None and maybe_surrogate and not _encodable(text):
+            self._skip("invalid_utf8")  # a lone surrogate: not text any tokenizer can take
+            text = None
+        return text
 
     # ---- local text: paragraphs (or lines, or whole files) ------------------------------
     def _text_docs(self, path: str, f) -> Iterator[tuple[Optional[str], str]]:
@@ -292,7 +298,7 @@ class DocumentStream:
                                            streaming=True, **kw)
             for i, row in enumerate(ds):
                 where = f"{src.spec} row {i}"
-                yield self._check_text(row.get(self.text_field, _MISSING), where, row.keys()), where
+                yield self._record(row, where, False), where
         except DataPrepError:
             raise
         except Exception as e:  # datasets' errors are long and nested: keep the first line
@@ -301,6 +307,32 @@ class DocumentStream:
                                 f"({type(e).__name__}: {msg})") from None
         finally:
             log.setLevel(level)
+
+
+class RowStream(DocumentStream):
+    """The records of JSON, JSON-lines, parquet or Hub sources as whole dicts: (row, where) pairs, for
+    data prep that reads several fields (data_prep/make_sft.py). The caller judges each row and
+    reports what it refuses: `bad_row` (an error past `max_bad_rows`, else counted by reason) or
+    `skip` (always counted). `source` is the Source being read."""
+
+    def __init__(self, sources: list[Source], reader: Reader = "auto", max_bad_rows: int = 0,
+                 hub_split: str = "train", hub_config: Optional[str] = None):
+        text = [s.spec for s in sources if s.kind == "text"]
+        if text:
+            raise DataPrepError(f"source {text[0]!r}: a text file holds no records; give JSON lines, JSON or parquet")
+        super().__init__(sources, "", reader, 0, max_bad_rows, hub_split, hub_config=hub_config)
+
+    def _record(self, obj: dict, where: str, maybe_surrogate: bool) -> dict:
+        return obj  # lone surrogates are the caller's to find: it knows which fields are text
+
+    def skip(self, reason: str) -> None:
+        self._skip(reason)
+
+    def bad_row(self, where: str, why: str, reason: str) -> None:
+        self.bad_seen += 1
+        if self.bad_seen > self.max_bad_lines:
+            raise DataPrepError(f"{where}: {why}")
+        self._skip(reason)
 
 
 def _parse_json(line: str) -> tuple[object, Optional[str]]:

@@ -31,7 +31,6 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import WandbLogger
-from lightning.pytorch.utilities import rank_zero_info
 
 from gpt.chat import ChatFormatError, ChatTemplate, validate_messages
 from gpt.demo_task import check, prompt_messages
@@ -148,5 +147,5 @@ class ChatEval(Callback):
                 logger.log_text(key="chat_replies", columns=["step", "family", "prompt", "reply", "answer", "correct"],
                                 data=data, step=step)
         fams = ", ".join(f"{f} {100 * metrics[f'val/exact_match/{f}']:.0f}%" for f in self.families)
-        rank_zero_info(f"[step {step}] held-out exact-match {100 * metrics['val/exact_match']:.1f}% of "
-                       f"{len(self.rows)} (ended its turn {100 * metrics['val/ended']:.0f}%): {fams}")
+        print(f"[step {step}] held-out exact-match {100 * metrics['val/exact_match']:.1f}% of {len(self.rows)} "
+              f"(ended its turn {100 * metrics['val/ended']:.0f}%): {fams}", flush=True)

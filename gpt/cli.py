@@ -4,7 +4,10 @@
                --max_new_tokens 200 --temperature 0.8 --top_k 200 --seed 1337
     gpt export --checkpoint runs/x/checkpoints/last.ckpt --out exports/x --format hf
     gpt eval   --checkpoint exports/x --data runs/demo/shards --split val --json eval.json
-    gpt chat   --checkpoint runs/demo/sft/checkpoints/last.ckpt --system "Be brief."
+    gpt plan   --preset llama-7b --gpus 64 --gpu h100 --zero 3             (gpt/plan.py)
+    gpt attention --checkpoint runs/x/checkpoints/last.ckpt --prompt "..."  (gpt/attention.py)
+    gpt plot   runs/a runs/b --out runs/compare                             (gpt/plots.py)
+    gpt chat   --checkpoint runs/demo/sft/checkpoints/last.ckpt --system "Be brief."   (gpt/chat_cli.py)
     python -m gpt sample --help
 
 A checkpoint is any kind gpt.checkpoint.load_model knows: a Lightning .ckpt, a DeepSpeed
@@ -185,9 +188,12 @@ def eval_(checkpoint: str, data: str, split: str = "val", block_size: Optional[i
         log_wandb(result, wandb_project, wandb_group, wandb_dir)
 
 
-from gpt.chat_cli import chat  # noqa: E402  (gpt chat lives in its own module)
+from gpt.attention import attention  # noqa: E402  (subcommands defined in their own modules)
+from gpt.chat_cli import chat  # noqa: E402
+from gpt.plan import plan  # noqa: E402
+from gpt.plots import plot  # noqa: E402
 
-COMMANDS: list[Callable[..., None]] = [sample, export, eval_, chat]
+COMMANDS: list[Callable[..., None]] = [sample, export, eval_, plan, attention, plot, chat]
 
 
 # ---- parsing and the shared error handling ------------------------------------------------
@@ -259,9 +265,33 @@ def _underscore_options(argv: list[str], names: Optional[set[str]] = None) -> li
     return out
 
 
+def _shorthands(argv: list[str]) -> list[str]:
+    """Two conveniences jsonargparse lacks: a bare boolean option means true (`gpt plan --json`), and
+    the words right after a command whose function names a list parameter in its `positional`
+    attribute become that list (`gpt plot A B --out D` -> `--run_dirs ["A", "B"] --out D`)."""
+    import json
+    import typing
+
+    command = _commands().get(argv[0] if argv else "")
+    if command is None:
+        return argv
+    hints = typing.get_type_hints(command)
+    flags = {n for n, t in hints.items() if t is bool or t == Optional[bool]}
+    out = [argv[0]]
+    for i, arg in enumerate(argv[1:], start=1):
+        out.append(arg)
+        if arg[2:] in flags and arg.startswith("--") and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
+            out.append("true")
+    name, bare = getattr(command, "positional", None), out[1:]
+    end = next((i for i, a in enumerate(bare) if a.startswith("-")), len(bare))
+    if name is None or end == 0:
+        return out
+    return [out[0], f"--{name}", json.dumps(bare[:end]), *bare[end:]]
+
+
 def _run(argv: list[str]) -> Any:
     parser = build_parser()
-    init = parser.instantiate(parser.parse_args(_underscore_options(argv, _option_names(parser))))
+    init = parser.instantiate(parser.parse_args(_shorthands(_underscore_options(argv, _option_names(parser)))))
     name = init.subcommand
     kwargs = {k: v for k, v in vars(init[name]).items() if k != "config"}
     return _commands()[name](**kwargs)

@@ -14,6 +14,10 @@ Every document ends with the end-of-text token, so concatenating the shards of a
 manifest order gives the token stream. A document may straddle two shards; it is counted in
 the shard holding its last token.
 
+Post-training data (manifest "kind": "sft" or "pairs"; absent = "pretrain") is the same token
+shards, each with two side files: a per-token loss mask and per-example offsets (see
+ExampleShardWriter / ExampleShards at the end of this file). TokenShards reads their tokens.
+
     from gpt.shards import TokenShards
     ds = TokenShards("runs/demo/shards", split="train", tokenizer=tok)
     x = ds.window(0, 1025)            # int64 numpy array, may span shard boundaries
@@ -29,6 +33,7 @@ import hashlib
 import json
 import os
 import struct
+from itertools import chain
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
@@ -311,3 +316,238 @@ class TokenShards:
     def __repr__(self) -> str:
         return (f"TokenShards({str(self.data_dir)!r}, split={self.split!r}, tokens={self.num_tokens}, "
                 f"shards={len(self.records)}, dtype={self.dtype.name})")
+
+
+# ---- post-training data: the same shards plus a loss mask and per-example offsets ----------
+#
+#   DIR/train_t00000_00000.bin        tokens, as above; a "document" is one example
+#   DIR/train_t00000_00000.mask.bin   header (magic b"GPTMASK\0", itemsize 1, count = tokens),
+#                                     then one uint8 per token: 1 = a training target
+#   DIR/train_t00000_00000.idx.bin    header (magic b"GPTINDX\0", itemsize 8, count = values),
+#                                     then one int64 row per example of shard-local token offsets:
+#                                     sft (start, end); pairs (start, prompt_end, chosen_end, end)
+#
+# An example never straddles two shards, each starts with the chat template's end-of-text
+# token (so the split is still a token stream of documents), and the examples of a shard are
+# contiguous (row k's end is row k+1's start). A pair is stored once: prompt, then the chosen
+# reply, then the rejected reply (each reply = content + <|end|>, unless it was truncated);
+# its mask is 1 on both replies. The manifest's shard records carry the side files' names,
+# sizes and sha256 ("mask", "index") and the shard's "supervised_tokens".
+
+KINDS = ("pretrain", "sft", "pairs")
+MASK_MAGIC, INDEX_MAGIC = b"GPTMASK\0", b"GPTINDX\0"
+INDEX_COLUMNS = {"sft": ("start", "end"), "pairs": ("start", "prompt_end", "chosen_end", "end")}
+MADE_BY = {"pretrain": "data_prep.make_shards", "sft": "data_prep.make_sft",
+           "pairs": "data_prep.make_sft --kind pairs"}
+
+
+def manifest_kind(manifest: dict[str, Any]) -> str:
+    """"pretrain", "sft" or "pairs": what a shard directory holds."""
+    return manifest.get("kind", "pretrain")
+
+
+def read_side_header(path: str | os.PathLike, magic: bytes, itemsize: int) -> dict[str, int]:
+    """Header of a mask or index file: {"count": items, "examples": examples}."""
+    with open(path, "rb") as f:
+        raw = f.read(HEADER_SIZE)
+    if len(raw) < HEADER_SIZE:
+        raise ShardError(f"{path}: truncated file (shorter than its {HEADER_SIZE}-byte header)")
+    got_magic, version, got_itemsize, count, examples = HEADER.unpack(raw)
+    if got_magic != magic:
+        raise ShardError(f"{path}: not a {magic.rstrip(bytes(1)).decode()} file (bad magic {got_magic!r})")
+    if version != VERSION or got_itemsize != itemsize:
+        raise ShardError(f"{path}: version {version} / itemsize {got_itemsize}, this code reads {VERSION} / {itemsize}")
+    return {"count": count, "examples": examples}
+
+
+class ExampleShardWriter(ShardWriter):
+    """Whole examples (ids + loss mask [+ pair bounds]) into token shards with mask and index files.
+
+    A shard is closed early rather than split an example, so examples longer than
+    max_tokens_per_shard are refused. The side files are finished (header, fsync, rename)
+    before their token shard, so a finished token shard always has both.
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, prefix: str, kind: str, dtype: str = "uint16",
+                 max_tokens_per_shard: int = 50_000_000):
+        if kind not in INDEX_COLUMNS:
+            raise ValueError(f"kind must be one of {sorted(INDEX_COLUMNS)}, got {kind!r}")
+        super().__init__(out_dir, prefix, dtype, max_tokens_per_shard)
+        self.kind, self.columns = kind, len(INDEX_COLUMNS[kind])
+        self._side: dict[str, Any] = {}
+        self._examples = self._supervised = 0
+
+    def side_path(self, index: int, what: str) -> Path:
+        return self.out_dir / f"{self.prefix}_{index:05d}.{what}.bin"
+
+    def _open(self) -> None:
+        super()._open()
+        self._side = {}
+        for what in ("mask", "idx"):
+            f = open(self.side_path(len(self.records), what).with_suffix(".bin.tmp"), "wb")
+            f.write(b"\0" * HEADER_SIZE)
+            self._side[what] = f
+        self._examples = self._supervised = 0
+
+    def _finish_side(self, what: str, magic: bytes, itemsize: int, count: int) -> dict[str, Any]:
+        f, final = self._side.pop(what), self.side_path(len(self.records), what)
+        f.seek(0)
+        f.write(HEADER.pack(magic, VERSION, itemsize, count, self._examples))
+        f.flush()
+        os.fsync(f.fileno())
+        f.close()
+        os.replace(final.with_suffix(".bin.tmp"), final)
+        return {"file": final.name, "bytes": final.stat().st_size, "sha256": sha256_file(final)}
+
+    def _finish(self) -> None:
+        mask = self._finish_side("mask", MASK_MAGIC, 1, self._tokens)
+        index = self._finish_side("idx", INDEX_MAGIC, 8, self._examples * self.columns)
+        supervised = self._supervised
+        super()._finish()
+        self.records[-1].update(supervised_tokens=supervised, mask=mask, index=index)
+
+    def add(self, tokens: Sequence[int] | np.ndarray, end_of_document: bool = True) -> None:
+        raise TypeError("ExampleShardWriter takes whole examples: use add_example(ids, mask, bounds)")
+
+    def add_example(self, ids: Sequence[int] | np.ndarray, mask: Sequence[int] | np.ndarray,
+                    bounds: Sequence[int] = ()) -> None:
+        """One example: its ids (leading end-of-text included), a 0/1 mask as long, and for pairs
+        (prompt_end, chosen_end), offsets into ids where the chosen and the rejected reply start."""
+        ids, mask = np.asarray(ids), np.asarray(mask)
+        n = ids.size
+        if n < 1 or mask.shape != ids.shape or ids.ndim != 1:
+            raise ValueError(f"an example needs >= 1 token and a mask as long (got {ids.shape} and {mask.shape})")
+        if mask.size and (mask.min() < 0 or mask.max() > 1):
+            raise ValueError("the loss mask holds 0s and 1s only")
+        if len(bounds) != self.columns - 2 or list(bounds) != sorted(set(bounds)) or any(
+                not 0 < b < n for b in bounds):
+            raise ValueError(f"{self.kind} examples take {self.columns - 2} increasing bounds inside (0, {n}), "
+                             f"got {list(bounds)}")
+        if n > self.max_tokens:
+            raise ValueError(f"example of {n} tokens is longer than max_tokens_per_shard {self.max_tokens}")
+        if self._f is not None and self._tokens + n > self.max_tokens:
+            self._finish()  # examples never straddle shards
+        if self._f is None:
+            self._open()
+        start = self._tokens
+        row = np.array([start, *(start + b for b in bounds), start + n], dtype=np.int64)
+        self._side["mask"].write(mask.astype(np.uint8).tobytes())
+        self._side["idx"].write(row.tobytes())
+        self._examples += 1
+        self._supervised += int(mask.sum())
+        super().add(ids)  # may finish the shard when it is exactly full: the side files are written
+
+    def abort(self) -> None:
+        """Close without finishing: delete the open temporary files and every finished shard."""
+        for f in self._side.values():
+            f.close()
+        index, side = len(self.records), [(r["mask"]["file"], r["index"]["file"]) for r in self.records]
+        self._side = {}
+        super().abort()
+        for tmp in (self.side_path(index, "mask"), self.side_path(index, "idx")):
+            tmp.with_suffix(".bin.tmp").unlink(missing_ok=True)
+        for name in chain.from_iterable(side):
+            (self.out_dir / name).unlink(missing_ok=True)
+
+
+class ExampleShards:
+    """One split of an SFT or pairs directory: example i's tokens, loss mask and bounds.
+
+    Refuses (one line) a directory of another kind, missing or truncated side files, and
+    offsets that do not tile their shard; sha256 on request. Tokens and masks are memory-mapped
+    (lazily, dropped on pickling); the offsets are read into memory (16-32 bytes per example).
+
+        ex = ExampleShards("runs/demo/sft", "train", kind="sft")
+        ids, mask = ex.example(0)           # int64, uint8
+        prompt_end, chosen_end = ex.bounds(0)   # pairs only: offsets inside ids
+    """
+
+    def __init__(self, data_dir: str | os.PathLike, split: str = "train", kind: str = "sft",
+                 tokenizer: Any = None, verify_sha256: bool = False):
+        if kind not in INDEX_COLUMNS:
+            raise ValueError(f"kind must be one of {sorted(INDEX_COLUMNS)}, got {kind!r}")
+        self.manifest = read_manifest(data_dir)
+        got = manifest_kind(self.manifest)
+        if got != kind:
+            raise ShardError(f"{data_dir}: holds {got} data (written by {MADE_BY.get(got, 'unknown')}), "
+                             f"not {kind} data: write it with {MADE_BY[kind]}")
+        self.kind, self.columns = kind, len(INDEX_COLUMNS[kind])
+        self.tokens = TokenShards(data_dir, split, tokenizer, verify_sha256)
+        self.data_dir, self.split = self.tokens.data_dir, split
+        rows, shard_of = [], []
+        for j, r in enumerate(self.tokens.records):
+            rows.append(self._read_index(r, verify_sha256))
+            shard_of.append(np.full(len(rows[-1]), j, dtype=np.int64))
+        self.rows = np.concatenate(rows) if rows else np.zeros((0, self.columns), dtype=np.int64)
+        self.shard_of = np.concatenate(shard_of) if shard_of else np.zeros(0, dtype=np.int64)
+        self.lengths = self.rows[:, -1] - self.rows[:, 0]
+        self._masks: dict[int, np.memmap] = {}
+
+    def _side(self, record: dict[str, Any], what: str, magic: bytes, itemsize: int, count: int,
+              verify_sha256: bool) -> Path:
+        entry = record.get(what)
+        if not isinstance(entry, dict) or "file" not in entry:
+            raise ShardError(f"{self.data_dir / MANIFEST}: shard {record['file']} lists no {what} file")
+        path = self.data_dir / entry["file"]
+        if not path.is_file():
+            raise ShardError(f"{path}: {what} file listed in the manifest is missing")
+        if path.stat().st_size != HEADER_SIZE + count * itemsize:
+            raise ShardError(f"{path}: truncated or corrupt {what} file ({path.stat().st_size} bytes, "
+                             f"expected {HEADER_SIZE + count * itemsize})")
+        head = read_side_header(path, magic, itemsize)
+        if head["count"] != count or head["examples"] != record["documents"]:
+            raise ShardError(f"{path}: header disagrees with the manifest")
+        if verify_sha256 and sha256_file(path) != entry["sha256"]:
+            raise ShardError(f"{path}: sha256 differs from the manifest (corrupt {what} file)")
+        return path
+
+    def _read_index(self, record: dict[str, Any], verify_sha256: bool) -> np.ndarray:
+        n, t = record["documents"], record["tokens"]
+        self._side(record, "mask", MASK_MAGIC, 1, t, verify_sha256)
+        path = self._side(record, "index", INDEX_MAGIC, 8, n * self.columns, verify_sha256)
+        rows = np.fromfile(path, dtype="<i8", offset=HEADER_SIZE).reshape(n, self.columns)
+        tiled = n > 0 and rows[0, 0] == 0 and rows[-1, -1] == t and bool(np.all(rows[1:, 0] == rows[:-1, -1]))
+        if not tiled or np.any(np.diff(rows, axis=1) <= 0):
+            raise ShardError(f"{path}: example offsets do not tile the shard's {t} tokens (corrupt index)")
+        return rows
+
+    def _mask_map(self, j: int) -> np.memmap:
+        m = self._masks.get(j)
+        if m is None:
+            r = self.tokens.records[j]
+            m = np.memmap(self.data_dir / r["mask"]["file"], dtype=np.uint8, mode="r", offset=HEADER_SIZE,
+                          shape=(r["tokens"],))
+            self._masks[j] = m
+        return m
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def example(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """(ids as int64, loss mask as uint8) of example i."""
+        j, (start, end) = int(self.shard_of[i]), (int(self.rows[i, 0]), int(self.rows[i, -1]))
+        ids = np.asarray(self.tokens._map(j)[start:end], dtype=np.int64)
+        return ids, np.array(self._mask_map(j)[start:end])
+
+    def bounds(self, i: int) -> tuple[int, ...]:
+        """The inner bounds of example i relative to its start (pairs: prompt_end, chosen_end)."""
+        return tuple(int(b) for b in self.rows[i, 1:-1] - self.rows[i, 0])
+
+    def supervised(self, skip_first: bool = False) -> np.ndarray:
+        """Loss-mask 1s per example (int64), one pass over the masks; skip_first: not counting each
+        example's first token (a training target only when something precedes it)."""
+        out = []
+        first = np.searchsorted(self.shard_of, np.arange(len(self.tokens.records) + 1))  # examples per shard
+        for j, (a, b) in enumerate(zip(first[:-1], first[1:])):
+            m, starts = self._mask_map(j), self.rows[a:b, 0]
+            out.append(np.add.reduceat(m, starts, dtype=np.int64) - (m[starts] if skip_first else 0))
+        return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_masks"] = {}
+        return state
+
+    def __repr__(self) -> str:
+        return (f"ExampleShards({str(self.data_dir)!r}, split={self.split!r}, kind={self.kind!r}, "
+                f"examples={len(self)}, tokens={self.tokens.num_tokens})")

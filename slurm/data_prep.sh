@@ -8,6 +8,7 @@
 # Before `--`: --tasks N (array size, default 4) and any sbatch options, given to both jobs.
 # After `--`: the arguments of python -m data_prep.make_shards (--out is required: the merge
 # writes --out/manifest.json; `python -m data_prep.make_shards --help` lists them all).
+# DATA_PREP_JOB=data_prep.make_sft in the environment submits the chat data prep instead.
 # Prints "ARRAY_JOB_ID MERGE_JOB_ID" on stdout. The jobs run in the repository (relative paths
 # are relative to it); logs go under ./runs/slurm of the folder this is run from:
 # gpt-data-prep-<array id>_<task>.out and gpt-data-prep-merge-<merge id>.out.
