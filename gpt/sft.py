@@ -10,7 +10,10 @@ loss is the same summed cross-entropy, over the tokens the chat template's loss 
 supervised-token count of the whole global batch (`num_targets_global`), so packing, padding,
 gradient accumulation and world size do not change the gradient. Packed rows bring restarting
 `position_ids` and a block-causal `attn_mask` (no attention across conversations), which
-CausalLMModule.batch_logits passes to the model. Validation reports `val/loss` on the
+CausalLMModule.batch_logits passes to the model. The LM head runs only at the supervised
+positions (`GPT.forward(select=...)`): a chat row is mostly prompt, and the head plus its
+softmax over the vocabulary are a quarter of the tiny model's FLOPs, so a step costs ~25% less
+for the same loss. Validation reports `val/loss` on the
 assistant tokens of the held-out split; held-out exact-match through generation comes from
 the gpt.chat_eval.ChatEval callback in the recipe config.
 
@@ -24,10 +27,12 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from gpt.lm import CausalLMModule
 from gpt.lora import TARGETS, LoRASettings, add_lora, trainable_parameters
+from gpt.objectives import IGNORE_INDEX, causal_lm_loss
 from gpt.optim import Schedule
 
 
@@ -67,6 +72,13 @@ class SFTModule(CausalLMModule):
             trainable, total = trainable_parameters(self.model)
             rank_zero_info(f"LoRA r={self.lora.r} alpha={self.lora.alpha:g} on {', '.join(self.lora.targets)}: "
                            f"{trainable:,} of {total:,} parameters train ({100 * trainable / total:.2f}%)")
+
+    def batch_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The causal-LM loss with logits computed at the supervised positions only."""
+        labels = batch["labels"]
+        targets = labels != IGNORE_INDEX
+        logits = self.batch_logits(batch, select=targets)  # (N, V)
+        return causal_lm_loss(logits[None], labels[targets][None])
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)

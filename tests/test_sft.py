@@ -90,3 +90,23 @@ def test_optimizer_of_a_lora_module_has_no_empty_group(tok):
     m = module(tok, lora_r=2)
     opt = build_optimizer(m.model, lr=1e-3, weight_decay=0.1)
     assert [len(g["params"]) for g in opt.param_groups] == [2 * 4 * MODEL["n_layer"]]
+
+
+@pytest.mark.parametrize("flavour", ["gpt2", "llama"])
+def test_head_on_supervised_positions_only_gives_the_full_loss_and_gradients(tok, flavour):
+    """SFTModule.batch_loss (logits at the targets only) == CausalLMModule's (logits everywhere)."""
+    from gpt.lm import CausalLMModule
+    chat = ChatTemplate(tok)
+    parts = [tuple(map(__import__("numpy").asarray, chat.render(c))) for c in conversations(6, seed=5)]
+    batch = SFTCollator(tok.pad_id, attn_mask=True)([row_arrays(parts[:3]), row_arrays(parts[3:])])
+    m = module(tok, flavour)
+    results = []
+    for loss_fn in (m.batch_loss, lambda b: CausalLMModule.batch_loss(m, b)):
+        m.zero_grad(set_to_none=True)
+        loss_sum, n = loss_fn(batch)
+        (loss_sum / n).backward()
+        results.append((loss_sum.detach(), int(n), {k: p.grad.clone() for k, p in m.named_parameters()}))
+    (a, na, ga), (b, nb, gb) = results
+    assert na == nb == int((batch["labels"] != -100).sum()) and torch.allclose(a, b, rtol=1e-6)
+    for k in ga:
+        assert torch.allclose(ga[k], gb[k], atol=1e-7, rtol=1e-5), k
