@@ -15,10 +15,10 @@ number of torch threads alone does it: 1 process with 1 vs 2 threads differ by 0
 the same model) and at the last step. Two processes get one torch thread each, one process gets
 two, so every row uses the machine's 2 cores.
 
-Tokens/s and MFU are what the recipe itself logs (gpt.callbacks.GPTThroughputMonitor, i.e.
-Lightning's ThroughputMonitor: tokens over a 10-step window, MFU against the matmul peak that
-gpt.flops measures at start-up for the row's precision), as the median over the run after its
-first 15 steps. The "demo budget" table runs tiny-cpu.yaml unchanged (its max_steps, validation
+Tokens/s and MFU are what the recipe itself logs (train/tokens_per_sec and train/mfu from
+gpt.callbacks.RunMonitor, i.e. Lightning's Throughput over a window of log_every_n_steps optimizer
+steps, MFU against the matmul peak that gpt.flops measures at start-up for the row's precision),
+as the median over the run after its first 15 steps. The "demo budget" table runs tiny-cpu.yaml unchanged (its max_steps, validation
 and checkpoints) and reports the held-out loss and bits-per-byte at the end, and the wall time.
 """
 from __future__ import annotations
@@ -82,8 +82,9 @@ def row_config(run_dir: Path, tok: Path, shards: Path, precision: str, devices: 
                steps: Optional[int]) -> Path:
     """tiny-cpu.yaml with the row's overrides; steps=None keeps the demo's budget, validation and checkpoints."""
     cfg: dict[str, Any] = yaml.safe_load(CONFIG.read_text())
+    cfg["run_dir"] = str(run_dir)
     t = cfg["trainer"]
-    t.update(precision=precision, devices=devices, default_root_dir=str(run_dir), enable_progress_bar=False)
+    t.update(precision=precision, devices=devices, enable_progress_bar=False)
     t["strategy"] = strategy if strategy in ("auto", "ddp") else {
         "class_path": "gpt.zero.ZeroStrategy", "init_args": {"config": ZERO[strategy]}}
     cfg["data"].update(data_dir=str(shards), tokenizer=str(tok))
@@ -92,18 +93,10 @@ def row_config(run_dir: Path, tok: Path, shards: Path, precision: str, devices: 
     if micro % devices:
         raise SystemExit(f"micro_batch_size {micro} does not split over {devices} processes")
     cfg["data"]["micro_batch_size"] = micro // devices
-    csv = {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(run_dir), "name": "csv"}}
-    if steps is None:  # the demo as it is, its outputs moved into run_dir
-        for logger in t["logger"]:
-            logger["init_args"]["save_dir"] = str(run_dir)
-        for cb in t["callbacks"]:
-            if cb["class_path"].endswith("ModelCheckpoint"):
-                cb["init_args"]["dirpath"] = str(run_dir / "checkpoints")
-    else:
-        t.update(max_steps=steps, limit_val_batches=0, logger=[csv], enable_checkpointing=False,
-                 log_every_n_steps=1)
-        t["callbacks"] = [cb for cb in t["callbacks"]
-                          if not cb["class_path"].endswith(("ModelCheckpoint", "SampleGenerations"))]
+    if steps is not None:  # steps=None: the demo as it is, its outputs in run_dir
+        cfg.update(wandb=False, val_every=0, checkpoint_every=0)
+        t.update(max_steps=steps, log_every_n_steps=1)
+        t["callbacks"] = [cb for cb in t["callbacks"] if not cb["class_path"].endswith("SampleGenerations")]
     path = run_dir / "config.bench.yaml"
     run_dir.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
@@ -112,9 +105,9 @@ def row_config(run_dir: Path, tok: Path, shards: Path, precision: str, devices: 
 
 def summarize(rows: list[dict[str, float]], devices: int, skip: int = 15) -> dict[str, float]:
     """Median global tokens/s and MFU after the first `skip` steps."""
-    key = "train/items_per_sec" if devices > 1 else "train/device/items_per_sec"
+    key = "train/tokens_per_sec"  # all ranks
     tps = [r[key] for r in rows if key in r and r.get("step", 0) >= skip]
-    mfu = [r["train/device/mfu"] for r in rows if "train/device/mfu" in r and r.get("step", 0) >= skip]
+    mfu = [r["train/mfu"] for r in rows if "train/mfu" in r and r.get("step", 0) >= skip]
     losses = {int(r["step"]): r["train/loss"] for r in rows if "train/loss" in r}
     if not tps:
         raise SystemExit(f"no {key} rows after step {skip}: run more --steps")

@@ -19,13 +19,13 @@ a different world size with the same G (e.g. 2 ranks x A=1 -> 1 rank x A=2).
 
 Validation is a fixed set: the first `val_windows` windows of the val split, dealt to ranks
 round-robin; each val batch carries the UTF-8 byte count of its targets for bits-per-byte.
+
+For the run shape (recipes/cli.py): `check_run(trainer)` fails in one line before anything is
+written when the shards cannot serve the run (missing, wrong tokenizer, too few tokens), and
+`run_identity()` is what a resume must share (shard and tokenizer hashes, seed, window length).
 """
 from __future__ import annotations
 
-import hashlib
-import os
-import subprocess
-from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
 import lightning as L
@@ -33,23 +33,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from gpt.shards import TokenShards
+from gpt.run import shards_sha256
+from gpt.shards import TokenShards, read_manifest
 from gpt.tokenizer import Tokenizer
 
 _M64 = (1 << 64) - 1
-
-
-def git_commit() -> Optional[str]:
-    """The commit of the code that runs (with "-dirty" for local changes), for reproducibility."""
-    root = Path(__file__).resolve().parents[1]
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
-                             timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return (sha + ("-dirty" if dirty else "")) or None
 
 
 def _mix64(x: int) -> int:
@@ -176,9 +164,10 @@ class PretrainDataModule(L.LightningDataModule):
         data_dir: shard directory with manifest.json (data_prep.make_shards --out).
         tokenizer: tokenizer.json the shards were written with: checked against the manifest,
             used for val bits-per-byte and stored in checkpoints. None skips both.
-        block_size: tokens per training sequence (<= the model's block_size).
-        micro_batch_size: sequences per rank per forward/backward.
-        seed: seed of the sample order (independent of the model-init seed).
+        block_size: tokens per training sequence (<= the model's block_size); fixed for a run.
+        micro_batch_size: sequences per rank per forward/backward; micro_batch_size x
+            accumulate_grad_batches x devices x num_nodes is the global batch, fixed for a run.
+        seed: seed of the sample order (independent of the model-init seed); fixed for a run.
         val_windows: number of validation windows (fixed set; capped at what the val split holds).
         val_batch_size: sequences per validation batch (default: micro_batch_size).
         allow_repeat: let a run ask for more tokens than the train split holds (later epochs use
@@ -190,23 +179,26 @@ class PretrainDataModule(L.LightningDataModule):
                  micro_batch_size: int = 16, seed: int = 1337, val_windows: int = 64,
                  val_batch_size: Optional[int] = None, allow_repeat: bool = False, num_workers: int = 0):
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(logger=False)  # the recipe logs the whole resolved config
         self.data_dir, self.tokenizer_path, self.block_size = data_dir, tokenizer, block_size
         self.micro_batch_size, self.seed, self.allow_repeat = micro_batch_size, seed, allow_repeat
         self.val_windows, self.num_workers = val_windows, num_workers
         self.val_batch_size = val_batch_size or micro_batch_size
-        manifest = Path(data_dir) / "manifest.json"
-        # Reproducibility: which data, code and seed exactly; logged and checkpointed with the hparams.
-        self.hparams["manifest_sha256"] = hashlib.sha256(manifest.read_bytes()).hexdigest() if manifest.is_file() else None
-        self.hparams["git_commit"] = git_commit()
-        self.hparams["seed_everything"] = int(os.environ["PL_GLOBAL_SEED"]) if "PL_GLOBAL_SEED" in os.environ else None
+        self.tokenizer: Optional[Tokenizer] = None
         self.train: Optional[PretrainWindows] = None
         self.val: Optional[ValWindows] = None
         self._restored_global_batch: Optional[int] = None
 
     # ---- set-up -------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
-        tok = Tokenizer.from_file(self.tokenizer_path) if self.tokenizer_path else None
+        self._open()
+        if stage == "fit":
+            self.check_token_budget()
+
+    def _open(self) -> None:
+        if self.tokenizer is None and self.tokenizer_path:
+            self.tokenizer = Tokenizer.from_file(self.tokenizer_path)
+        tok = self.tokenizer
         if self.train is None:
             self.train = PretrainWindows(TokenShards(self.data_dir, "train", tokenizer=tok), self.block_size,
                                          self.seed, self.allow_repeat)
@@ -214,8 +206,19 @@ class PretrainDataModule(L.LightningDataModule):
             n_val = min(self.val_windows, max(0, (val_shards.num_tokens - 1) // self.block_size))
             self.val = ValWindows(val_shards, self.block_size, list(range(n_val)),
                                   bytes_per_token(tok) if tok is not None else None)
-        if stage == "fit":
-            self.check_token_budget()
+
+    def check_run(self, trainer: L.Trainer) -> None:
+        """Before anything is written: the shards exist, match the tokenizer and hold the run's tokens."""
+        self.trainer = trainer
+        self._open()
+        self.check_token_budget()
+
+    def run_identity(self) -> dict[str, Any]:
+        """What a resume must share with its checkpoint (gpt.run)."""
+        self._open()
+        return {"tokenizer_sha256": self.tokenizer.content_hash if self.tokenizer else None,
+                "shards_sha256": shards_sha256(read_manifest(self.data_dir)),
+                "data.seed": self.seed, "data.block_size": self.block_size}
 
     @property
     def global_batch_size(self) -> int:

@@ -6,8 +6,9 @@
 FLOPs count multiply-adds as 2 and follow the PaLM appendix: 6 FLOPs per matmul weight per
 token for forward+backward, plus attention scores and values, 12 * n_layer * n_embd * T
 (T = the sequence length; no discount for the causal mask, as PaLM and nanochat do).
-The peak comes from the device: a table of dense bf16/fp32 peaks for known GPUs, and on
-CPU a matmul measured on this machine at start-up (never a hard-coded A100 number).
+The peak comes from the device: Lightning's table of data-sheet peaks for known GPUs
+(lightning.fabric.utilities.throughput.get_available_flops), and everywhere else (CPUs, GPUs it
+does not know) a matmul measured on this machine at start-up, never a hard-coded A100 number.
 """
 from __future__ import annotations
 
@@ -34,33 +35,37 @@ def flops_per_token(cfg: GPTConfig, seq_len: int | None = None) -> float:
     return 6 * matmul_params(cfg) + 12 * cfg.n_layer * cfg.n_embd * T
 
 
-# Dense (no sparsity) tensor-core peaks from the vendors' data sheets, FLOP/s.
-GPU_PEAKS = {  # name fragment: (bf16/fp16, fp32 non-tensor)
-    "H200": (989e12, 67e12),
-    "H100 PCIe": (756e12, 51e12),
-    "H100": (989e12, 67e12),
-    "A100": (312e12, 19.5e12),
-    "A10G": (125e12, 31.2e12),
-    "L4": (121e12, 30.3e12),
-    "L40S": (362e12, 91.6e12),
-    "V100": (125e12, 15.7e12),
-    "RTX 4090": (165e12, 82.6e12),
-    "RTX 3090": (71e12, 35.6e12),
-}
-
-
 def peak_flops(device: torch.device | str, dtype: torch.dtype = torch.float32) -> float:
-    """Peak FLOP/s of one device for matmuls in `dtype`: table for GPUs, measured on CPU."""
+    """Peak FLOP/s of one device for matmuls in `dtype`: Lightning's GPU table, else measured.
+
+    Lightning's `get_available_flops` knows the data-sheet peaks of common GPUs; for a device it
+    does not know (every CPU, newer or renamed GPUs) a matmul is timed on this machine instead of
+    guessing a number.
+    """
     device = torch.device(device)
-    half = dtype in (torch.bfloat16, torch.float16)
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, (p16, p32) in GPU_PEAKS.items():
-            if key in name:
-                return p16 if half else p32
-        # Unknown GPU: measure rather than guess.
-        return measure_matmul_peak(str(device), dtype)
+        import warnings
+
+        from lightning.fabric.utilities.throughput import get_available_flops
+
+        with warnings.catch_warnings():  # "FLOPs not found for ...": we measure instead
+            warnings.simplefilter("ignore")
+            table = get_available_flops(device, dtype)
+        if table:
+            return float(table)
     return measure_matmul_peak(str(device), dtype)
+
+
+def dtype_of_precision(precision: str) -> torch.dtype:
+    """The matmul dtype of a Trainer precision string ("bf16-mixed", "16-true", "32-true", ...)."""
+    p = str(precision)
+    if p.startswith("bf16"):
+        return torch.bfloat16
+    if p.startswith("16"):
+        return torch.float16
+    if p.startswith("64"):
+        return torch.float64
+    return torch.float32
 
 
 @functools.lru_cache(maxsize=None)

@@ -8,6 +8,11 @@ the loss (gpt.objectives) and the optimizer (gpt.optim); parallelism, precision 
 clipping come from the Trainer. Checkpoints carry `checkpoint["gpt"] = {"model_config",
 "tokenizer"}` for `gpt sample`, and plain-data hyperparameters (torch.load(weights_only=True)).
 
+What the run shape (recipes/cli.py) asks of a stage's module, and this one provides:
+`run_identity()` (what a resume must keep: model shape, optimizer settings restored from the
+optimizer state), `init_from` (a checkpoint whose weights configure_model loads, set by
+`--init_from` on a fresh run), `flops_per_batch` and `batch_tokens(batch)` for throughput.
+
 Loss normalization. The gradient must be that of (sum of token losses over the global batch) /
 (target tokens in the global batch), whatever the micro-batch split and world size. Lightning
 divides the returned loss by accumulate_grad_batches and DDP averages gradients over ranks, so
@@ -18,17 +23,20 @@ this micro-batch's count * A * W (exact when every micro-batch has the same coun
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import lightning as L
 import torch
 
-from gpt.config import GPTConfig
+from gpt.config import PRESETS, GPTConfig
 from gpt.flops import flops_per_token
 from gpt.model import GPT
 from gpt.objectives import causal_lm_loss
-from gpt.optim import LRSchedule, Schedule, build_optimizer
+from gpt.optim import LRSchedule, Schedule, StepScheduler, build_optimizer
+from gpt.run import load_initial_weights, model_identity
 from gpt.tokenizer import Tokenizer
+
+Preset = Literal[tuple(PRESETS)]  # type: ignore[valid-type]  # the CLI lists and checks the names
 
 
 def total_grad_norm(module: torch.nn.Module) -> Optional[torch.Tensor]:
@@ -41,25 +49,37 @@ class CausalLMModule(L.LightningModule):
     """GPT + causal-LM loss + AdamW with warmup/cosine or WSD.
 
     Args:
-        preset: a gpt.config preset name; model_config overrides its fields.
-        model_config: GPTConfig fields, e.g. {"n_layer": 4, "n_embd": 192, "block_size": 256}.
-        tokenizer: tokenizer.json stored in checkpoints (the recipe links it from data.tokenizer).
-        lr, weight_decay, betas, eps: AdamW (no decay on norms, biases, embeddings).
-        schedule, warmup_steps, min_lr_ratio, decay_fraction: see gpt.optim.LRSchedule; the
-            schedule spans trainer.max_steps optimizer steps.
-        compile: torch.compile the model (GPU; on CPU ~35 s first compile).
+        preset: the gpt.config preset the model starts from (tiny, tiny-llama, gpt2-124m,
+            gpt2-350m, gpt2-774m, gpt2-1.5b, llama-1b, llama-7b); model_config overrides its fields.
+        model_config: GPTConfig fields over the preset: flavour (gpt2|llama), vocab_size,
+            block_size, n_layer, n_head, n_kv_head, n_embd, intermediate_size, bias,
+            tie_embeddings, norm_eps, rope_theta, qk_norm, dropout, init_std,
+            activation_checkpointing, vocab_multiple. E.g. {n_layer: 4, n_embd: 192}.
+        tokenizer: the tokenizer.json stored in every checkpoint (linked from data.tokenizer).
+        lr: peak AdamW learning rate (may change on resume: the schedule follows).
+        weight_decay: AdamW decoupled weight decay on matmul weights (none on norms, biases,
+            embeddings); fixed for the life of a run (it lives in the optimizer state).
+        betas: AdamW (beta1, beta2); fixed for the life of a run.
+        eps: AdamW epsilon; fixed for the life of a run.
+        schedule: cosine (warmup, cosine down to min_lr_ratio x lr at trainer.max_steps), wsd
+            (warmup, flat, linear decay over the last decay_fraction) or constant (warmup, flat).
+        warmup_steps: optimizer steps of linear warmup from lr / warmup_steps to lr.
+        min_lr_ratio: the final lr as a fraction of lr (cosine and wsd).
+        decay_fraction: wsd only: the fraction of trainer.max_steps spent decaying.
+        compile: torch.compile the model (worth it on GPUs; ~35 s first compile on CPU).
     """
 
-    def __init__(self, preset: str = "tiny", model_config: Optional[dict[str, Any]] = None,
+    init_from: Optional[str] = None  # set by the recipe (--init_from) on a fresh run; see configure_model
+
+    def __init__(self, preset: Preset = "tiny", model_config: Optional[dict[str, Any]] = None,
                  tokenizer: Optional[str] = None, lr: float = 3e-4, weight_decay: float = 0.1,
                  betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8, schedule: Schedule = "cosine",
                  warmup_steps: int = 100, min_lr_ratio: float = 0.1, decay_fraction: float = 0.2,
                  compile: bool = False):
         super().__init__()
-        self.save_hyperparameters()
+        # Stored in checkpoints; the recipe logs the whole resolved config itself (logger=False).
+        self.save_hyperparameters(logger=False)
         self.config = GPTConfig.from_preset(preset, **(model_config or {}))
-        # hparams stay exactly the init arguments: LightningCLI parses them back from a checkpoint
-        # given as --ckpt_path. Seed, git commit and manifest hash ride with the data module's.
         self.tokenizer_json = Tokenizer.from_file(tokenizer).to_str() if tokenizer else None
         self.model: Optional[GPT] = None
         self.tokens_seen = 0
@@ -73,6 +93,8 @@ class CausalLMModule(L.LightningModule):
         # Built here, not in __init__: sharded strategies (ZeRO-3) build it inside their context.
         if self.model is None:
             self.model = GPT(self.config)
+            if self.init_from:  # a new run from another run's weights: before any strategy wraps them
+                load_initial_weights(self.model, self.init_from)
             if self.hparams.compile:
                 self.model.compile()  # in place: state_dict keys keep the `model.` prefix
 
@@ -84,6 +106,17 @@ class CausalLMModule(L.LightningModule):
         m = getattr(dm, "micro_batch_size", 1)
         # Per device and micro-batch: Lightning's Throughput multiplies by world size itself.
         self.flops_per_batch = flops_per_token(self.config, T) * m * T
+
+    @staticmethod
+    def batch_tokens(batch: dict[str, torch.Tensor]) -> int:
+        return batch["input_ids"].numel()
+
+    def run_identity(self) -> dict[str, Any]:
+        """What a resumed run must share with its checkpoint (gpt.run): shapes and the optimizer
+        settings a restored optimizer state would silently keep."""
+        hp = self.hparams
+        return {**model_identity(self.config.to_dict()), "model.weight_decay": hp.weight_decay,
+                "model.betas": list(hp.betas), "model.eps": hp.eps}
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.model(idx)
@@ -138,8 +171,8 @@ class CausalLMModule(L.LightningModule):
                               cpu_offload=getattr(self.trainer.strategy, "offloads_optimizer", False))
         schedule = LRSchedule(hp.schedule, hp.warmup_steps, max(1, self.trainer.max_steps), hp.min_lr_ratio,
                               hp.decay_fraction)
-        return {"optimizer": opt,
-                "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.LambdaLR(opt, schedule), "interval": "step"}}
+        # StepScheduler: on resume only the step comes from the checkpoint; lr and schedule from the config.
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": StepScheduler(opt, schedule), "interval": "step"}}
 
     # ---- validation ---------------------------------------------------------------------
     def on_validation_epoch_start(self) -> None:
@@ -155,9 +188,10 @@ class CausalLMModule(L.LightningModule):
         loss_sum, n, nbytes = self.trainer.strategy.reduce(self._val, reduce_op="sum").tolist()
         if n == 0:
             return
-        self.log("val/loss", loss_sum / n, prog_bar=True, rank_zero_only=True)
+        metrics = {"val/loss": loss_sum / n}
         if nbytes > 0:
-            self.log("val/bpb", loss_sum / math.log(2) / nbytes, prog_bar=True, rank_zero_only=True)
+            metrics["val/bpb"] = loss_sum / math.log(2) / nbytes
+        log_at_step(self, metrics)
 
     # ---- checkpoints --------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -167,3 +201,16 @@ class CausalLMModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.tokens_seen = int(checkpoint.get("tokens_seen", 0))
+
+
+def log_at_step(module: L.LightningModule, metrics: dict[str, float]) -> None:
+    """Log validation metrics at the optimizer step (the model after global_step updates, as in
+    the checkpoint of that step), not at Lightning's own count, and show them in the progress bar.
+    Outside fit (trainer.validate) they are logged the usual way, so validate() returns them."""
+    trainer = module.trainer
+    fitting = trainer.state.fn == "fit"
+    for k, v in metrics.items():
+        module.log(k, v, prog_bar=True, logger=not fitting, rank_zero_only=True)
+    if fitting and trainer.is_global_zero and not trainer.sanity_checking:
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)

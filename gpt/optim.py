@@ -1,8 +1,8 @@
 """AdamW parameter groups and learning-rate schedules (per optimizer step).
 
-    from gpt.optim import build_optimizer, LRSchedule
+    from gpt.optim import build_optimizer, LRSchedule, StepScheduler
     opt = build_optimizer(model, lr=3e-4, weight_decay=0.1, betas=(0.9, 0.95))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, LRSchedule("cosine", warmup_steps=100, total_steps=5000))
+    sched = StepScheduler(opt, LRSchedule("cosine", warmup_steps=100, total_steps=5000))
 
 Weight decay applies to matmul weights only: norms, biases and embeddings (and a head tied
 to the embedding) are left undecayed, as in GPT-2/nanoGPT/litgpt. Schedules:
@@ -11,6 +11,12 @@ to the embedding) are left undecayed, as in GPT-2/nanoGPT/litgpt. Schedules:
             last decay_fraction of the run (lets a run be extended or cooled down anywhere);
 - "constant": warmup then flat.
 LRSchedule is a small class (not a lambda) so LambdaLR's state_dict stays plain data.
+
+Resume. A plain LambdaLR restores its base learning rates and the schedule object's fields from
+the checkpoint, so a run resumed with another lr or max_steps would silently keep the old ones.
+StepScheduler restores only the step count: the lr at step s is always `lr * schedule(s)` of the
+*current* configuration (and the optimizer's param groups are set to it), so a changed lr or
+total length takes effect at the resume step and the schedule follows from there.
 """
 from __future__ import annotations
 
@@ -86,3 +92,16 @@ class LRSchedule:
         if step < decay_start:
             return 1.0
         return 1.0 - (1 - lo) * min(1.0, (step - decay_start) / decay_steps)
+
+
+class StepScheduler(torch.optim.lr_scheduler.LambdaLR):
+    """LambdaLR whose only state is the step: on resume, lr and schedule come from this run's config."""
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.last_epoch = int(state_dict["last_epoch"])
+        self._step_count = int(state_dict.get("_step_count", self.last_epoch + 1))
+        # Same expression as LambdaLR.get_lr, so an unchanged config resumes bit-exactly.
+        lrs = [base * fn(self.last_epoch) for fn, base in zip(self.lr_lambdas, self.base_lrs)]
+        for group, base, lr in zip(self.optimizer.param_groups, self.base_lrs, lrs):
+            group["initial_lr"], group["lr"] = base, lr  # the optimizer's restored state carried the old ones
+        self._last_lr = lrs

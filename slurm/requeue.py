@@ -8,7 +8,7 @@ slurm/train.sbatch adds this callback to every recipe it launches:
 Slurm sends SIGUSR1 to every task 90 s before the time limit (`#SBATCH --signal=USR1@90`), or
 when asked (`scancel --signal=USR1 JOBID`). Each rank only notes it. After the next optimizer
 step the ranks agree (any rank signalled = all stop at this same step), save `last.ckpt` through
-the run's ModelCheckpoint, and stop training cleanly; rank 0 then writes the file named by
+the run's RunCheckpoint (gpt.callbacks), and stop training cleanly; rank 0 then writes the file named by
 GPT_REQUEUE_FILE, and the batch script, seeing it once srun returns, runs `scontrol requeue`.
 The requeued job starts the same script again, and `--ckpt_path last` resumes from that step
 with the same data order, so the run finishes as if it had never stopped.
@@ -27,8 +27,10 @@ from pathlib import Path
 from typing import Any, Optional
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
+
+from gpt.callbacks import RunCheckpoint
 
 
 class RequeueOnSignal(Callback):
@@ -59,17 +61,14 @@ class RequeueOnSignal(Callback):
         if stage != "fit":
             return
         if self._last_checkpointer(trainer) is None:
-            raise ValueError("RequeueOnSignal needs a ModelCheckpoint(save_last=True) among the callbacks: "
+            raise ValueError("RequeueOnSignal needs the run's RunCheckpoint (the recipes add it): "
                              "its last.ckpt is what `--ckpt_path last` resumes from")
         # One line per rank in the job log: from here on a signal is safe (tests wait for it).
         print(f"RequeueOnSignal: rank {trainer.global_rank} ready for {self.signum.name}", flush=True)
 
     @staticmethod
-    def _last_checkpointer(trainer: "pl.Trainer") -> Optional[ModelCheckpoint]:
-        for cb in trainer.checkpoint_callbacks:
-            if isinstance(cb, ModelCheckpoint) and cb.save_last is True:
-                return cb
-        return None
+    def _last_checkpointer(trainer: "pl.Trainer") -> Optional[RunCheckpoint]:
+        return next((cb for cb in trainer.checkpoint_callbacks if isinstance(cb, RunCheckpoint)), None)
 
     def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any,
                            batch: Any, batch_idx: int) -> None:
@@ -85,10 +84,8 @@ class RequeueOnSignal(Callback):
 
     def _checkpoint_and_stop(self, trainer: "pl.Trainer") -> None:
         ckpt = self._last_checkpointer(trainer)
-        # ModelCheckpoint's own save (all ranks): same file name, version and link handling as its
-        # regular last.ckpt, and it records the step so that it does not save again at this step
-        # on the way out (an epoch-end save would carry other loop counters).
-        ckpt._save_last_checkpoint(trainer, ckpt._monitor_candidates(trainer))
+        # On every rank; RunCheckpoint notes the step, so that it does not save this step again.
+        ckpt.save_last_now(trainer)
         rank_zero_info(f"RequeueOnSignal: {self.signum.name} received; saved {ckpt.last_model_path} at step "
                        f"{trainer.global_step}, stopping for requeue")
         trainer.should_stop = True

@@ -66,37 +66,28 @@ def write_text_shards(out: Path, tokenizer_path: Path, max_chars: int = 400_000,
 
 def write_config(path: Path, run_dir: Path, data_dir: Path, tokenizer: Optional[Path] = None, *,
                  max_steps: int = 12, micro_batch_size: int = 4, accumulate: int = 1, devices: int = 1,
-                 every_n_train_steps: int = 4, val_check_interval: Optional[int] = None,
+                 checkpoint_every: int = 4, keep_checkpoints: int = -1, val_every: Optional[int] = None,
                  model: Optional[dict] = None, vocab_size: int = 256, wandb: bool = False,
                  callbacks: Optional[list[dict]] = None, model_args: Optional[dict] = None,
-                 data_args: Optional[dict] = None, precision: str = "32-true") -> Path:
-    """A tiny fp32 recipe config writing checkpoints and CSV metrics under run_dir."""
-    loggers: list[dict[str, Any]] = [{"class_path": "lightning.pytorch.loggers.CSVLogger",
-                                      "init_args": {"save_dir": str(run_dir), "name": "csv"}}]
-    if wandb:
-        loggers.insert(0, {"class_path": "lightning.pytorch.loggers.WandbLogger",
-                           "init_args": {"project": "test", "save_dir": str(run_dir), "offline": True}})
+                 data_args: Optional[dict] = None, precision: str = "32-true",
+                 every_n_train_steps: Optional[int] = None) -> Path:
+    """A tiny fp32 recipe config whose run directory is run_dir (checkpoints/, csv/, wandb/).
+
+    Validation runs once, at the last step, unless val_every says otherwise; every periodic
+    checkpoint is kept. `every_n_train_steps` is the older name of checkpoint_every.
+    """
     cfg = {
+        "run_dir": str(run_dir), "group": "test", "wandb": wandb,
+        "checkpoint_every": every_n_train_steps if every_n_train_steps is not None else checkpoint_every,
+        "keep_checkpoints": keep_checkpoints, "val_every": val_every if val_every is not None else max_steps,
         "seed_everything": 1234,
         "trainer": {
             "accelerator": "cpu", "devices": devices, "num_nodes": 1, "precision": precision,
             "strategy": "ddp" if devices > 1 else "auto",
             "max_steps": max_steps, "accumulate_grad_batches": accumulate, "gradient_clip_val": 1.0,
-            "val_check_interval": val_check_interval or max_steps * accumulate,
-            "check_val_every_n_epoch": None, "num_sanity_val_steps": 0, "log_every_n_steps": 1,
-            "use_distributed_sampler": False, "enable_progress_bar": False, "enable_model_summary": False,
-            "default_root_dir": str(run_dir),
+            "log_every_n_steps": 1, "enable_progress_bar": False,
             "plugins": [{"class_path": "gpt.checkpoint_io.AtomicCheckpointIO"}],
-            "logger": loggers,
-            "callbacks": [
-                {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                 "init_args": {"dirpath": str(run_dir / "checkpoints"), "every_n_train_steps": every_n_train_steps,
-                               "save_last": True, "save_top_k": -1}},
-                {"class_path": "lightning.pytorch.callbacks.LearningRateMonitor",
-                 "init_args": {"logging_interval": "step"}},
-                {"class_path": "gpt.callbacks.NonFiniteGuard"},
-                *(callbacks or []),
-            ],
+            "callbacks": [{"class_path": "gpt.callbacks.NonFiniteGuard"}, *(callbacks or [])],
         },
         "model": {"preset": "tiny", "model_config": {**TINY_MODEL, "vocab_size": vocab_size, **(model or {})},
                   "lr": 1e-2, "warmup_steps": 2, **(model_args or {})},
@@ -109,7 +100,7 @@ def write_config(path: Path, run_dir: Path, data_dir: Path, tokenizer: Optional[
 
 
 def recipe_cmd(config: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "recipes.pretrain", "fit", "--config", str(config), *extra]
+    return [sys.executable, "-m", "recipes.pretrain", "--config", str(config), *extra]
 
 
 def recipe_env() -> dict[str, str]:
@@ -165,6 +156,16 @@ class SlowDown(_Callback):
         _time.sleep(self.seconds)
 
 
+class SlowValidation(_Callback):
+    """Sleep at the start of every validation, so that a test can kill the run while it validates."""
+
+    def __init__(self, seconds: float = 2.0):
+        self.seconds = seconds
+
+    def on_validation_start(self, *args: Any) -> None:
+        _time.sleep(self.seconds)
+
+
 class InjectNaN(_Callback):
     """At optimizer step `step`: what="weight" poisons a weight (the loss turns NaN from then on),
     what="grad" poisons one gradient element once (a transient blow-up)."""
@@ -182,8 +183,8 @@ class InjectNaN(_Callback):
             next(pl_module.model.parameters()).grad.view(-1)[0] = float("nan")
 
 
-def read_wandb_history(run_file: Path) -> list[dict[str, Any]]:
-    """History rows of an offline `.wandb` file (wandb's internal LevelDB-style log, pinned wandb).
+def _wandb_records(run_file: Path) -> list[Any]:
+    """The records of an offline `.wandb` file (wandb's internal LevelDB-style log; wandb is pinned).
 
     Framing: a 7-byte file header (":W&B", magic u16, version u8), then 32 KiB blocks of records,
     each with a 7-byte header (crc32 u32, length u16, type u8: 1 full, 2 first, 3 middle, 4 last).
@@ -209,10 +210,37 @@ def read_wandb_history(run_file: Path) -> list[dict[str, Any]]:
         parts = chunk if kind in (1, 2) else parts + chunk
         if kind in (1, 4):
             payloads.append(parts)
-    rows = []
+    records = []
     for raw in payloads:
         rec = wandb_internal_pb2.Record()
         rec.ParseFromString(raw)
-        if rec.WhichOneof("record_type") == "history":
-            rows.append({(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in rec.history.item})
-    return rows
+        records.append(rec)
+    return records
+
+
+def read_wandb_history(run_file: Path) -> list[dict[str, Any]]:
+    """History rows of an offline `.wandb` file, each a dict (with W&B's `_step`)."""
+    return [{(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in rec.history.item}
+            for rec in _wandb_records(run_file) if rec.WhichOneof("record_type") == "history"]
+
+
+def read_wandb_run(run_file: Path) -> dict[str, Any]:
+    """{"id", "group", "job_type", "config" (key -> value), "history" (rows)} of an offline `.wandb` file."""
+    out: dict[str, Any] = {"config": {}, "history": []}
+    for rec in _wandb_records(run_file):
+        kind = rec.WhichOneof("record_type")
+        if kind == "run":
+            out.update(id=rec.run.run_id, group=rec.run.run_group, job_type=rec.run.job_type)
+            updates = rec.run.config.update
+        elif kind == "config":
+            updates = rec.config.update
+        elif kind == "history":
+            out["history"].append({(i.key or "/".join(i.nested_key)): json.loads(i.value_json)
+                                   for i in rec.history.item})
+            continue
+        else:
+            continue
+        for item in updates:
+            value = json.loads(item.value_json)
+            out["config"][item.key] = value.get("value", value) if isinstance(value, dict) else value
+    return out

@@ -106,7 +106,7 @@ def test_checkpoint_holds_model_config_tokenizer_and_loads_weights_only(tmp_path
                           max_chars=60_000)
     write_text_shards(tmp_path / "shards", tmp_path / "tok.json", max_chars=60_000)
     cfg = write_config(tmp_path / "cfg.yaml", tmp_path / "run", tmp_path / "shards", tmp_path / "tok.json",
-                       max_steps=2, every_n_train_steps=2, vocab_size=tok.vocab_size)
+                       max_steps=2, checkpoint_every=2, vocab_size=tok.vocab_size)
     run_recipe(cfg)
     ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
     assert ckpt["gpt"]["tokenizer"] == tok.to_str()
@@ -115,8 +115,9 @@ def test_checkpoint_holds_model_config_tokenizer_and_loads_weights_only(tmp_path
     assert all(k.startswith("model.") for k in ckpt["state_dict"])
     model = GPT(model_cfg)
     model.load_state_dict({k[len("model."):]: v for k, v in ckpt["state_dict"].items()})
-    dm = ckpt["datamodule_hyper_parameters"]
-    assert dm["seed_everything"] == 1234 and dm["git_commit"] and len(dm["manifest_sha256"]) == 64
+    identity = ckpt["run"]["identity"]  # what a resume must match (gpt.run)
+    assert identity["tokenizer_sha256"] == tok.content_hash and len(identity["shards_sha256"]) == 64
+    assert identity["model.n_layer"] == 2 and identity["global_batch_size"] == 4
     assert ckpt["tokens_seen"] == 2 * 4 * 32
 
 
@@ -127,7 +128,7 @@ def test_ddp_two_processes_equal_one_process_with_accumulation(tmp_path):
     runs = {}
     for name, A, W in (("acc", 2, 1), ("ddp", 1, 2)):
         cfg = write_config(tmp_path / f"{name}.yaml", tmp_path / name, tmp_path / "shards", max_steps=5,
-                           accumulate=A, devices=W, every_n_train_steps=5)
+                           accumulate=A, devices=W, checkpoint_every=5)
         run_recipe(cfg)
         ckpt = torch.load(tmp_path / name / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
         runs[name] = (losses_by_step(tmp_path / name), ckpt["state_dict"])

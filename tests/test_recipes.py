@@ -1,4 +1,4 @@
-"""recipes/: every YAML parses through the recipe's LightningCLI, Slurm/W&B start-up checks, the demo learns.
+"""recipes/: every YAML parses through the recipe's LightningCLI, the Slurm start-up check, the demo learns.
 
     pytest tests/test_recipes.py              # parse + checks
     pytest tests/test_recipes.py -m slow      # tiny-cpu: a short run whose loss falls
@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from recipes.pretrain import check_slurm_tasks, main, wandb_offline_unless_configured
+from recipes.cli import check_slurm_tasks
+from recipes.pretrain import main
 from tests.pretrain_fixtures import ROOT, losses_by_step, run_recipe
 
 CONFIGS = sorted((ROOT / "recipes" / "configs").glob("*.yaml"))
@@ -32,6 +33,9 @@ def test_every_config_parses(config, capsys, monkeypatch):
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["trainer"]["use_distributed_sampler"] is False  # our sampler deals samples to ranks
     assert "tokenizer" not in printed["model"]  # linked from data.tokenizer (stored in checkpoints)
+    assert printed["group"] == config.stem.replace("tiny-cpu", "demo")  # runs/<group>/pretrain
+    # every interval in optimizer steps, and both set in the config
+    assert printed["val_every"] > 0 and printed["checkpoint_every"] > 0 and printed["keep_checkpoints"] != 0
 
 
 def test_tiny_cpu_is_a_config():
@@ -62,24 +66,7 @@ def test_slurm_mismatch_fails_at_start_up_in_the_cli(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["recipes.pretrain"])
     _slurm_env(monkeypatch, ntasks=3, per_node=3)
     with pytest.raises(SystemExit, match="Slurm started 3 tasks"):
-        main(["fit", "--config", str(ROOT / "recipes" / "configs" / "tiny-cpu.yaml")], run=True)
-
-
-def test_wandb_is_offline_unless_configured(monkeypatch, tmp_path):
-    monkeypatch.setenv("HOME", str(tmp_path))
-    monkeypatch.delenv("NETRC", raising=False)
-    monkeypatch.delenv("WANDB_MODE", raising=False)
-    monkeypatch.delenv("WANDB_API_KEY", raising=False)
-    wandb_offline_unless_configured()
-    assert os.environ["WANDB_MODE"] == "offline"
-    monkeypatch.delenv("WANDB_MODE")
-    (tmp_path / ".netrc").write_text("machine api.wandb.ai\n  login user\n  password x\n")
-    (tmp_path / ".netrc").chmod(0o600)
-    wandb_offline_unless_configured()
-    assert "WANDB_MODE" not in os.environ
-    monkeypatch.setenv("WANDB_MODE", "disabled")  # an explicit choice is kept
-    wandb_offline_unless_configured()
-    assert os.environ["WANDB_MODE"] == "disabled"
+        main(["fit", "--config", str(ROOT / "recipes" / "configs" / "tiny-cpu.yaml")])
 
 
 @pytest.mark.slow
@@ -92,10 +79,9 @@ def test_tiny_cpu_loss_falls(tmp_path):
     make_shards(src, str(tmp_path / "tokenizer.json"), str(tmp_path / "shards"), val_fraction=0.1)
     text = (ROOT / "recipes" / "configs" / "tiny-cpu.yaml").read_text().replace("runs/demo", str(tmp_path))
     cfg = yaml.safe_load(text)
+    cfg.update(run_dir=str(tmp_path / "pretrain"), wandb=False, val_every=40, checkpoint_every=40)
     cfg["trainer"]["max_steps"] = 40
-    cfg["trainer"]["val_check_interval"] = 40
     cfg["trainer"]["log_every_n_steps"] = 1
-    cfg["trainer"]["logger"] = [c for c in cfg["trainer"]["logger"] if "CSVLogger" in c["class_path"]]
     cfg["model"]["warmup_steps"] = 5
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
     run_recipe(tmp_path / "cfg.yaml", timeout=900)

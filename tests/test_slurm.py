@@ -8,11 +8,13 @@ skip), starts munged, slurmctld and slurmd n1, n2, and stops them at the end.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 
 from slurm_fixtures import ROOT, SlurmJobs, assert_completed, slurm_cluster, slurm_jobs  # noqa: F401
+from tests.pretrain_fixtures import read_wandb_run
 
 pytestmark = pytest.mark.cluster
 
@@ -67,7 +69,7 @@ def test_data_prep_array_and_merge(slurm_jobs: SlurmJobs, tokenizer_json: Path, 
 
 MAX_STEPS = 12
 CKPT_EVERY = 4
-KEEP_CALLBACKS = ("ModelCheckpoint", "LearningRateMonitor", "NonFiniteGuard")
+KEEP_CALLBACKS = ("NonFiniteGuard",)
 
 
 @pytest.fixture(scope="session")
@@ -79,20 +81,15 @@ def shards_dir(tmp_path_factory, tokenizer_json: Path, shakespeare_path: Path) -
 
 
 def tiny_config(path: Path, run_dir: Path, shards: Path, tokenizer: Path) -> Path:
-    """recipes/configs/tiny-cpu.yaml shrunk to seconds per step and pointed at `run_dir`:
+    """recipes/configs/tiny-cpu.yaml shrunk to seconds per step, its run directory `run_dir`:
     the CPU overrides a Slurm test needs, written as a config (the sbatch script takes any)."""
     import yaml
     cfg = yaml.safe_load((ROOT / "recipes" / "configs" / "tiny-cpu.yaml").read_text())
+    cfg.update(run_dir=str(run_dir), checkpoint_every=CKPT_EVERY, keep_checkpoints=-1, val_every=0, print_every=4)
     t = cfg["trainer"]
-    t.update(default_root_dir=str(run_dir), max_steps=MAX_STEPS, log_every_n_steps=1, precision="32-true",
-             limit_val_batches=0, val_check_interval=None, enable_progress_bar=False)
-    for logger in t["logger"]:
-        logger["init_args"]["save_dir"] = str(run_dir)
-    # Generation samples and the MFU monitor's peak measurement cost more than these steps.
+    t.update(max_steps=MAX_STEPS, log_every_n_steps=1, precision="32-true")
+    # Generation samples cost more than these steps.
     t["callbacks"] = [c for c in t["callbacks"] if c["class_path"].rsplit(".", 1)[1] in KEEP_CALLBACKS]
-    for c in t["callbacks"]:
-        if c["class_path"].endswith("ModelCheckpoint"):
-            c["init_args"].update(dirpath=str(run_dir / "checkpoints"), every_n_train_steps=CKPT_EVERY)
     cfg["model"]["model_config"].update(n_layer=2, n_head=2, n_embd=64, block_size=64)
     cfg["data"].update(data_dir=str(shards), tokenizer=str(tokenizer), block_size=64, micro_batch_size=4,
                        val_windows=4)
@@ -135,8 +132,13 @@ def test_pretrain_two_nodes_ddp(slurm_jobs: SlurmJobs, shards_dir: Path, tokeniz
     for rank in range(4):
         assert f"GLOBAL_RANK: {rank}, MEMBER: {rank + 1}/4" in text
     assert checkpoint_step(run_dir / "checkpoints" / "last.ckpt") == MAX_STEPS
-    assert sorted(step_losses(run_dir)) == list(range(MAX_STEPS))
+    losses = step_losses(run_dir)
+    assert sorted(losses) == list(range(MAX_STEPS))
     assert list(run_dir.glob("wandb/offline-run-*/run-*.wandb")), "no offline W&B run file"
+    # The job log is a file: plain progress lines, from rank 0 only, with the step's loss.
+    lines = re.findall(r"^step (\d+)/12 \| loss (\d+\.\d{4}) \|", text, re.M)
+    assert [int(s) for s, _ in lines] == [4, 8, 12]
+    assert all(abs(float(loss) - losses[int(s) - 1]) < 6e-5 for s, loss in lines)
 
 
 def test_preempted_job_requeues_and_resumes_exactly(slurm_jobs: SlurmJobs, shards_dir: Path,
@@ -172,6 +174,23 @@ def test_preempted_job_requeues_and_resumes_exactly(slurm_jobs: SlurmJobs, shard
     assert sorted(resumed) == sorted(reference) == list(range(MAX_STEPS))
     assert len(list((pre_dir / "csv").glob("version_*"))) == 2  # the run really restarted
     assert resumed == reference  # every step's loss, before and after the requeue
+
+    # One W&B run for the job: both starts log into the same run id, which holds the full config,
+    # and every step's loss is there exactly once (offline files read back).
+    files = sorted(pre_dir.glob("wandb/offline-run-*/run-*.wandb"))
+    assert len(files) == 2, files
+    runs = [read_wandb_run(f) for f in files]
+    assert len({r["id"] for r in runs}) == 1 and {r["job_type"] for r in runs} == {"pretrain"}
+    for r in runs:
+        t = r["config"]["trainer"]
+        assert (t["precision"], str(t["devices"]), t["num_nodes"], t["max_steps"], t["accumulate_grad_batches"],
+                t["gradient_clip_val"]) == ("32-true", "1", 2, MAX_STEPS, 1, 1.0)  # devices: as srun's flag gave it
+        assert t["strategy"] == "ddp" and r["config"]["seed_everything"] == 1337
+        assert r["config"]["run"]["world_size"] == 2 and len(r["config"]["run"]["identity"]["shards_sha256"]) == 64
+    assert [r["config"]["run"]["resumed_at_step"] for r in runs] == [0, stopped]
+    wandb_losses = [(row["_step"], row["train/loss"]) for r in runs for row in r["history"] if "train/loss" in row]
+    assert sorted(s for s, _ in wandb_losses) == list(range(MAX_STEPS))
+    assert all(abs(loss - resumed[s]) < 1e-6 for s, loss in wandb_losses)
 
 
 def test_layout_mismatch_fails_fast_with_one_line(slurm_jobs: SlurmJobs, tmp_path: Path):

@@ -6,10 +6,16 @@
 Each run is `python -m recipes.pretrain fit --config <yaml>` with the strategy selected in the
 YAML (`class_path: gpt.zero.ZeroStrategy`, `init_args.config: recipes/deepspeed/zeroN.json`).
 The first run compiles DeepSpeed's shm comm op (~60 s), cached in TORCH_EXTENSIONS_DIR after.
+Kills inside a save use tests.zero_callbacks.KillDuringSave, which SIGKILLs the run's process group
+at a chosen file of a chosen rank; the publish protocol's own steps are killed in
+tests/test_zero_checkpoint.py.
 """
 from __future__ import annotations
 
+import csv
 import os
+import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -18,11 +24,15 @@ import pytest
 import torch
 import yaml
 
+from gpt.checkpoint import CheckpointError, load_model
 from gpt.config import GPTConfig
 from gpt.model import GPT
+from gpt.resume import checkpoint_step, find_resume_checkpoint
 from gpt.zero import load_consolidated
+from tests.checkpoint_fixtures import rewrite_manifest, write_crafted
 from tests.zero_callbacks import probe_tokens
-from tests.pretrain_fixtures import ROOT, losses_by_step, metric_by_step, recipe_env, run_recipe, write_config, write_random_shards
+from tests.pretrain_fixtures import (ROOT, losses_by_step, metric_by_step, recipe_cmd, recipe_env, run_recipe,
+                                     write_config, write_random_shards)
 
 pytestmark = pytest.mark.slow
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "gpt-pipeline" / "torch_extensions"))
@@ -36,13 +46,15 @@ def shards(tmp_path_factory) -> Path:
     return write_random_shards(tmp_path_factory.mktemp("zero") / "shards")
 
 
-def _config(tmp: Path, shards: Path, strategy: str, every: int = 5) -> tuple[Path, Path]:
+def _config(tmp: Path, shards: Path, strategy: str, every: int = 5, kill: dict | None = None) -> tuple[Path, Path]:
     tmp.mkdir(parents=True, exist_ok=True)
     run_dir = tmp / strategy
-    logits = {"class_path": "tests.zero_callbacks.SaveLiveLogits", "init_args": {"path": str(tmp / "logits.pt")}}
+    callbacks = [{"class_path": "tests.zero_callbacks.SaveLiveLogits", "init_args": {"path": str(tmp / "logits.pt")}}]
+    if kill:
+        callbacks.append({"class_path": "tests.zero_callbacks.KillDuringSave", "init_args": kill})
     # vocab 300: room for the 300-id tokenizer gpt sample borrows below (a larger one is refused).
     cfg_path = write_config(tmp / f"{strategy}.yaml", run_dir, shards, devices=2, max_steps=STEPS,
-                            every_n_train_steps=every, callbacks=[logits], vocab_size=300)
+                            every_n_train_steps=every, callbacks=callbacks, vocab_size=300)
     cfg = yaml.safe_load(cfg_path.read_text())
     if strategy != "ddp":
         # "_sharded": the model is built inside deepspeed.zero.Init, then initialized shard-wise.
@@ -155,3 +167,107 @@ def test_zero3_checkpoint_feeds_gpt_export_and_sample(tmp_path, zero_runs):
                           eos_token_id=tok.eot_id, pad_token_id=tok.eot_id)[0, 1:].tolist()
     ids = ids[: ids.index(tok.eot_id)] if tok.eot_id in ids else ids
     assert out.rstrip("\n") == tok.decode(ids)
+
+
+# ---- kills inside a save ------------------------------------------------------------------------
+# Each chain kills the run twice at different moments, resuming in between from what
+# find_resume_checkpoint picks, then lets a third run finish. Saves per run: step 5 periodic, step 5
+# last.ckpt, step 10 periodic, step 10 last.ckpt (a resumed run: only the step-10 pair).
+KILL_CHAINS = {
+    "zero2": [
+        # inside last.ckpt's save at step 10: rank 1 has written half of its optimizer shard
+        ({"save": 4, "rank": 1, "moment": "partial", "file": 0}, ("last.ckpt", 5, 0)),
+        # the resumed run's step-10 periodic save: rank 0 has written its model states, rank 1 maybe not
+        ({"save": 1, "rank": 0, "moment": "after", "file": 0}, ("last.ckpt", 5, 0)),
+    ],
+    "zero3": [
+        # the first last.ckpt (step 5): every rank's files written, nothing published: no last.ckpt at all
+        ({"save": 2, "rank": 0, "moment": "commit"}, ("epoch=0-step=5.ckpt", 5, 2)),
+        # the resumed run's step-10 periodic save: rank 1 has written half of its model states
+        ({"save": 1, "rank": 1, "moment": "partial", "file": 0}, ("epoch=0-step=5.ckpt", 5, 2)),
+    ],
+}
+
+
+def _run_until_killed(cfg: Path, *extra: str) -> None:
+    # Its own session: KillDuringSave kills the run's process group, which must not hold pytest.
+    p = subprocess.run(recipe_cmd(cfg, *extra), cwd=ROOT, env=recipe_env(), capture_output=True, text=True,
+                       timeout=600, start_new_session=True)
+    assert p.returncode == -signal.SIGKILL, f"rc {p.returncode}\n{p.stderr[-3000:]}"
+
+
+def _last_run_losses(run_dir: Path) -> dict[int, float]:
+    """train/loss by step from the newest CSV version only (a killed run may have flushed nothing)."""
+    newest = max((run_dir / "csv").glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
+    with open(newest / "metrics.csv") as f:
+        return {int(float(r["step"])): float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")}
+
+
+def _hidden(d: Path) -> list[str]:
+    return sorted(p.name for p in d.iterdir() if p.name.startswith("."))
+
+
+@pytest.mark.parametrize("stage", ["zero2", "zero3"])
+def test_kill_inside_a_save_then_resume_equals_uninterrupted(tmp_path, shards, zero_runs, stage):
+    full = zero_runs(stage)[0]
+    resume_from: Path | None = None
+    for kill, (name, step, n_notes) in KILL_CHAINS[stage]:
+        cfg, run_dir = _config(tmp_path, shards, stage, kill=kill)
+        _run_until_killed(cfg, *(["--ckpt_path", str(resume_from)] if resume_from else []))
+        ckpts = run_dir / "checkpoints"
+        assert len(_hidden(ckpts)) == 1, _hidden(ckpts)  # the killed save's staging (earlier ones collected)
+        resume_from, notes = find_resume_checkpoint(ckpts)
+        assert (resume_from, checkpoint_step(resume_from), len(notes)) == (ckpts / name, step, n_notes), notes
+        if n_notes:
+            assert notes == [f"no last.ckpt in {ckpts}",
+                             f"resuming from {name}, step {step}: the newest valid periodic checkpoint"]
+    cfg, run_dir = _config(tmp_path, shards, stage)
+    run_recipe(cfg, "--ckpt_path", str(resume_from), timeout=600)
+    resumed = _last_run_losses(run_dir)
+    assert sorted(resumed) == list(range(5, STEPS))
+    _assert_close(resumed, {s: full[s] for s in resumed}, tol=0.0)
+    ckpts = run_dir / "checkpoints"
+    assert find_resume_checkpoint(ckpts) == (ckpts / "last.ckpt", []) and checkpoint_step(ckpts / "last.ckpt") == STEPS
+    assert _hidden(ckpts) == []
+
+
+# ---- crafted pickles ------------------------------------------------------------------------------
+def _shards_of(ckpt: Path) -> list[str]:
+    return sorted(p.relative_to(ckpt).as_posix() for p in (ckpt / "checkpoint").glob("*.pt"))
+
+
+@pytest.mark.parametrize("stage", ["zero2", "zero3"])
+def test_crafted_shard_never_runs_when_consolidating(tmp_path, zero_runs, stage):
+    """Every file kind (model states with the client state, optimizer shards; ZeRO-3: one model states per rank)."""
+    src = zero_runs(stage)[1] / "checkpoints" / "last.ckpt"
+    marker = tmp_path / "pwned"
+    for rel in _shards_of(src):
+        ckpt = tmp_path / rel.replace("/", "_") / "last.ckpt"
+        shutil.copytree(src, ckpt)
+        write_crafted(ckpt / rel, marker)
+        rewrite_manifest(ckpt)  # a self-consistent directory: only the content gives it away
+        for load in (load_consolidated, load_model):
+            with pytest.raises(CheckpointError) as e:
+                load(ckpt)
+            msg = str(e.value)
+            assert msg.startswith(f"{ckpt / rel}: refusing to load: its pickle imports posix.system"), msg
+            assert "\n" not in msg
+        assert not marker.exists()
+
+
+@pytest.mark.parametrize("stage,rel", [("zero2", "checkpoint/zero_pp_rank_1_mp_rank_00_optim_states.pt"),
+                                       ("zero3", "checkpoint/zero_pp_rank_0_mp_rank_00_model_states.pt")])
+def test_resume_refuses_a_crafted_shard_in_one_line(tmp_path, shards, zero_runs, stage, rel):
+    ckpt = tmp_path / "last.ckpt"
+    shutil.copytree(zero_runs(stage)[1] / "checkpoints" / "last.ckpt", ckpt)
+    marker = tmp_path / "pwned"
+    write_crafted(ckpt / rel, marker)
+    rewrite_manifest(ckpt)
+    cfg, _ = _config(tmp_path / "resumed", shards, stage)
+    p = run_recipe(cfg, "--ckpt_path", str(ckpt), timeout=600, check=False)
+    assert p.returncode != 0
+    assert not marker.exists()
+    errors = [line for line in p.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and p.stderr.strip().splitlines()[-1] == errors[0], p.stderr[-3000:]  # rank 0 says it once
+    assert errors[0].startswith(f"error: {ckpt / rel}: refusing to load: its pickle imports posix.system")
+    assert "Traceback" not in p.stderr and "weights_only=False" not in p.stderr, p.stderr[-3000:]
