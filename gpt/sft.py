@@ -30,7 +30,7 @@ from typing import Any, Optional
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from gpt.lm import CausalLMModule
+from gpt.lm import CausalLMModule, Preset
 from gpt.lora import TARGETS, LoRASettings, add_lora, trainable_parameters
 from gpt.objectives import IGNORE_INDEX, causal_lm_loss
 from gpt.optim import Schedule
@@ -49,7 +49,7 @@ class SFTModule(CausalLMModule):
         lora_targets: projections that get adapters, from attn.qkv, attn.proj, mlp.fc, mlp.proj.
     """
 
-    def __init__(self, preset: str = "tiny", model_config: Optional[dict[str, Any]] = None,
+    def __init__(self, preset: Preset = "tiny", model_config: Optional[dict[str, Any]] = None,
                  tokenizer: Optional[str] = None, lr: float = 1e-4, weight_decay: float = 0.0,
                  betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8, schedule: Schedule = "cosine",
                  warmup_steps: int = 10, min_lr_ratio: float = 0.1, decay_fraction: float = 0.2,
@@ -62,6 +62,12 @@ class SFTModule(CausalLMModule):
         if lora_r < 0:
             raise ValueError(f"model.lora_r must be >= 0 (0 = full fine-tuning), got {lora_r}")
         self.lora = LoRASettings(lora_r, lora_alpha, lora_dropout, list(lora_targets or TARGETS)) if lora_r else None
+
+    def run_identity(self) -> dict[str, Any]:
+        """CausalLMModule's, plus the LoRA shape: a resume must adapt the same projections the same way."""
+        lora = self.lora
+        return {**super().run_identity(), "model.lora_r": lora.r if lora else 0,
+                "model.lora_alpha": lora.alpha if lora else None, "model.lora_targets": lora.targets if lora else None}
 
     def configure_model(self) -> None:
         if self.model is not None:

@@ -18,6 +18,8 @@ CONFIGS = sorted((ROOT / "recipes" / "configs").glob("*.yaml"))
 
 
 def _is_pretrain(path: Path) -> bool:
+    if path.name.startswith(("sft-", "reward-", "dpo-", "rl-")):  # a post-training stage's config (tests/test_sft_recipe.py ...)
+        return False
     cfg = yaml.safe_load(path.read_text()) or {}
     return "data_dir" in (cfg.get("data") or {}) or "preset" in (cfg.get("model") or {})
 
