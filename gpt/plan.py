@@ -31,22 +31,24 @@ from typing import Any, Literal, Optional
 import torch
 
 from gpt.config import GPTConfig
-from gpt.flops import GPU_PEAKS, flops_per_token, matmul_params
+from gpt.flops import flops_per_token, matmul_params
 
 GiB = 2**30
 USABLE = 0.9  # of the card's memory; the rest is context, communication buffers, fragmentation
-# Card memory as the driver reports it (nvidia-smi "MiB"), and the gpt.flops.GPU_PEAKS entry.
-GPUS: dict[str, tuple[int, str]] = {
-    "h100": (81559, "H100"),            # SXM, 80 GB HBM3
-    "h100-pcie": (81559, "H100 PCIe"),
-    "h200": (143771, "H200"),           # 141 GB HBM3e
-    "a100-80g": (81920, "A100"),
-    "a100-40g": (40960, "A100"),
-    "l40s": (46068, "L40S"),
-    "a10g": (23028, "A10G"),
-    "l4": (23034, "L4"),
-    "v100-32g": (32768, "V100"),        # no bf16: fp16 peak
-    "rtx4090": (24564, "RTX 4090"),
+# Card memory as the driver reports it (nvidia-smi "MiB"), and the dense bf16/fp16 tensor-core
+# peak of the data sheet. Kept here rather than read from Lightning's get_available_flops table:
+# that table needs a live CUDA device, and its H200 row is the with-sparsity figure (2x dense).
+GPUS: dict[str, tuple[int, float]] = {
+    "h100": (81559, 989e12),            # SXM, 80 GB HBM3
+    "h100-pcie": (81559, 756e12),
+    "h200": (143771, 989e12),           # 141 GB HBM3e, same compute as H100 SXM
+    "a100-80g": (81920, 312e12),
+    "a100-40g": (40960, 312e12),
+    "l40s": (46068, 362e12),
+    "a10g": (23028, 125e12),
+    "l4": (23034, 121e12),
+    "v100-32g": (32768, 125e12),        # no bf16: fp16 peak
+    "rtx4090": (24564, 165e12),
 }
 # (stage, offload) rows of the table; offload = optimizer to CPU (stages 1-2), params + optimizer (3).
 ROWS = [(0, False), (1, False), (1, True), (2, False), (2, True), (3, False), (3, True)]
@@ -194,8 +196,8 @@ def _fits(budget: float, fixed: float, act: Any, limit: int = 4096) -> int:
 
 def _gpu(gpu: str, gpu_mem_gib: Optional[float], peak_tflops: Optional[float]) -> tuple[float, float]:
     if gpu in GPUS:
-        mib, key = GPUS[gpu]
-        mem, peak = mib * 2**20, GPU_PEAKS[key][0]
+        mib, peak = GPUS[gpu]
+        mem = mib * 2**20
     elif gpu_mem_gib is None or peak_tflops is None:
         raise ValueError(f"unknown --gpu {gpu!r}; choose from {', '.join(GPUS)} "
                          "(or give --gpu_mem_gib and --peak_tflops)")
