@@ -5,7 +5,7 @@
     result = exact_match(model, tokenizer, make_rows(300, "val"), max_new_tokens=32)
     result["exact_match"], result["per_family"]["add"], result["ended"], result["truncated"]
 
-    python -m gpt.evaluate --checkpoint runs/demo/sft/checkpoints/last.ckpt --n 300
+    python -m gpt.evaluate --checkpoint runs/demo/sft/checkpoints/last.ckpt --n 300 [--json em.json]
 
 Each row's prompt is `ChatTemplate.render_prompt` of its messages without the final answer;
 replies come from `gpt.generate.generate` (KV cache, prompts batched with left padding, stop at
@@ -104,7 +104,8 @@ def format_result(result: dict[str, Any]) -> str:
 
 
 def main(checkpoint: str, n: int = 300, split: Literal["train", "val"] = "val", seed: int = 0,
-         max_new_tokens: int = 32, batch_size: int = 64, device: str = "cpu") -> dict[str, Any]:
+         max_new_tokens: int = 32, batch_size: int = 64, device: str = "cpu",
+         json: Optional[str] = None) -> dict[str, Any]:
     """Exact-match of a checkpoint on n demo-task rows of a split.
 
     Args:
@@ -115,6 +116,7 @@ def main(checkpoint: str, n: int = 300, split: Literal["train", "val"] = "val", 
         max_new_tokens: reply length limit.
         batch_size: prompts per generate call.
         device: where the model runs.
+        json: also write the result (with the checkpoint, split, n and seed) to this JSON file, atomically.
     """
     from gpt.checkpoint import CheckpointError, load_model
     from gpt.demo_task import make_rows
@@ -131,6 +133,10 @@ def main(checkpoint: str, n: int = 300, split: Literal["train", "val"] = "val", 
         result = exact_match(model, tokenizer, make_rows(n, split, seed), max_new_tokens=max_new_tokens,
                              batch_size=batch_size)
     print(format_result(result))
+    if json:
+        from gpt.lm_eval import write_json
+
+        write_json({"checkpoint": checkpoint, "split": split, "seed": seed, **result}, json)
     return result
 
 

@@ -35,21 +35,31 @@ from gpt.flops import flops_per_token, matmul_params
 
 GiB = 2**30
 USABLE = 0.9  # of the card's memory; the rest is context, communication buffers, fragmentation
-# Card memory as the driver reports it (nvidia-smi "MiB"), and the dense bf16/fp16 tensor-core
-# peak of the data sheet. Kept here rather than read from Lightning's get_available_flops table:
-# that table needs a live CUDA device, and its H200 row is the with-sparsity figure (2x dense).
-GPUS: dict[str, tuple[int, float]] = {
-    "h100": (81559, 989e12),            # SXM, 80 GB HBM3
-    "h100-pcie": (81559, 756e12),
-    "h200": (143771, 989e12),           # 141 GB HBM3e, same compute as H100 SXM
-    "a100-80g": (81920, 312e12),
-    "a100-40g": (40960, 312e12),
-    "l40s": (46068, 362e12),
-    "a10g": (23028, 125e12),
-    "l4": (23034, 121e12),
-    "v100-32g": (32768, 125e12),        # no bf16: fp16 peak
-    "rtx4090": (24564, 165e12),
+# Card memory as the driver reports it (nvidia-smi "MiB") and the row of Lightning's GPU peak
+# table (lightning.fabric.utilities.throughput._CUDA_FLOPS, what get_available_flops reads for a
+# live device) whose dense bf16/fp16 figure the time estimate uses. The H200 row there is the
+# with-sparsity figure (2x dense); the H200 has the H100 SXM's compute, so it reads that row.
+GPUS: dict[str, tuple[int, str]] = {
+    "h100": (81559, "h100 sxm"),        # 80 GB HBM3
+    "h100-pcie": (81559, "h100 pcie"),
+    "h200": (143771, "h100 sxm"),       # 141 GB HBM3e
+    "a100-80g": (81920, "a100"),
+    "a100-40g": (40960, "a100"),
+    "l40": (46068, "l40"),
+    "a10g": (23028, "a10g"),
+    "l4": (23034, "l4"),
+    "v100-32g": (32768, "v100 sxm"),    # no bf16: the fp16 figure
+    "rtx4090": (24564, "rtx 4090"),
 }
+
+
+def _peak(row: str) -> float:
+    from lightning.fabric.utilities.throughput import _CUDA_FLOPS
+
+    flops = _CUDA_FLOPS[row]
+    return flops.get(torch.bfloat16) or flops[torch.float16]
+
+
 # (stage, offload) rows of the table; offload = optimizer to CPU (stages 1-2), params + optimizer (3).
 ROWS = [(0, False), (1, False), (1, True), (2, False), (2, True), (3, False), (3, True)]
 # The DeepSpeed JSONs the repository ships: a recommendation only names one of these.
@@ -196,8 +206,8 @@ def _fits(budget: float, fixed: float, act: Any, limit: int = 4096) -> int:
 
 def _gpu(gpu: str, gpu_mem_gib: Optional[float], peak_tflops: Optional[float]) -> tuple[float, float]:
     if gpu in GPUS:
-        mib, peak = GPUS[gpu]
-        mem = mib * 2**20
+        mib, row = GPUS[gpu]
+        mem, peak = mib * 2**20, _peak(row)
     elif gpu_mem_gib is None or peak_tflops is None:
         raise ValueError(f"unknown --gpu {gpu!r}; choose from {', '.join(GPUS)} "
                          "(or give --gpu_mem_gib and --peak_tflops)")
@@ -374,7 +384,7 @@ def plan(preset: str = "llama-7b", gpus: int = 8, gpu: str = "h100", zero: Optio
     Args:
         preset: a gpt.config preset (gpt2-124m ... llama-7b).
         gpus: data-parallel GPUs in all.
-        gpu: h100, h100-pcie, h200, a100-80g, a100-40g, l40s, a10g, l4, v100-32g, rtx4090.
+        gpu: h100, h100-pcie, h200, a100-80g, a100-40g, l40, a10g, l4, v100-32g, rtx4090.
         zero: the ZeRO stage to plan for (0 = DDP); default: the planner picks.
         offload: with --zero: offload the optimizer (1, 2) or params + optimizer (3) to CPU.
         seq: sequence length (default: the preset's block_size).

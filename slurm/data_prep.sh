@@ -46,12 +46,25 @@ for a in "$@"; do
 done
 [ -n "$out" ] || die "make_shards needs --out DIR (the merge writes DIR/manifest.json)"
 
+# A --dependency among the sbatch options is the array's (e.g. slurm/pipeline.sh chaining it after
+# the tokenizer job): the merge waits for the array alone, which already waited for it.
+merge_opts=()
+skip_next=0
+for o in "${sbatch_opts[@]}"; do
+    if [ "$skip_next" = 1 ]; then skip_next=0; continue; fi
+    case "$o" in
+        --dependency=* | -d?*) ;;
+        --dependency | -d) skip_next=1 ;;
+        *) merge_opts+=("$o") ;;
+    esac
+done
+
 mkdir -p runs/slurm  # Slurm does not create the folder of --output itself
 array_id="$(sbatch --parsable --array="0-$((tasks - 1))" "${sbatch_opts[@]}" \
     "$here/data_prep.sbatch" shard "$@")"
 array_id="${array_id%%;*}"  # --parsable prints "id;cluster" on multi-cluster set-ups
 merge_id="$(sbatch --parsable --dependency="afterok:${array_id}" --kill-on-invalid-dep=yes \
-    "${sbatch_opts[@]}" --job-name=gpt-data-prep-merge --output='runs/slurm/%x-%j.out' \
+    "${merge_opts[@]}" --job-name=gpt-data-prep-merge --output='runs/slurm/%x-%j.out' \
     "$here/data_prep.sbatch" merge --out "$out")"
 merge_id="${merge_id%%;*}"
 echo "submitted data prep: array job ${array_id} (${tasks} tasks), merge job ${merge_id} (afterok)" >&2
