@@ -34,6 +34,7 @@ from typing import Any, Iterator, Optional
 import torch
 
 from gpt.config import GPTConfig
+from gpt.lora import merged_state  # a LoRA run's adapters are merged into the weights on load
 from gpt.model import GPT
 
 WEIGHTS = "model.safetensors"
@@ -214,6 +215,7 @@ def _load_deepspeed(d: Path) -> tuple[GPT, Any]:
     state, meta = load_consolidated(d)
     heads = tuple(f"{h}." for h in meta.get("heads") or ())  # e.g. a reward model's head: not the GPT's
     state = {k: v for k, v in state.items() if not k.startswith(heads)} if heads else state
+    state = merged_state(meta, state)
     return build_model(d, _config(d, meta["model_config"]), state), _tokenizer_str(d, meta.get("tokenizer"))
 
 
@@ -247,6 +249,7 @@ def _load_lightning(f: Path) -> tuple[GPT, Any]:
             if k.startswith(prefix):
                 state[k[len(prefix):]] = v
                 break
+    state = merged_state(meta, state)
     return build_model(f, _config(f, meta["model_config"]), state), _tokenizer_str(f, meta.get("tokenizer"))
 
 

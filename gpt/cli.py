@@ -7,6 +7,7 @@
     gpt plan   --preset llama-7b --gpus 64 --gpu h100 --zero 3             (gpt/plan.py)
     gpt attention --checkpoint runs/x/checkpoints/last.ckpt --prompt "..."  (gpt/attention.py)
     gpt plot   runs/a runs/b --out runs/compare                             (gpt/plots.py)
+    gpt chat   --checkpoint runs/demo/sft/checkpoints/last.ckpt --system "Be brief."   (gpt/chat_cli.py)
     gpt score  --checkpoint RM --prompt "What is 2 + 3?" --response "5"     (gpt/score_cli.py)
     python -m gpt sample --help
 
@@ -189,11 +190,12 @@ def eval_(checkpoint: str, data: str, split: str = "val", block_size: Optional[i
 
 
 from gpt.attention import attention  # noqa: E402  (subcommands defined in their own modules)
+from gpt.chat_cli import chat  # noqa: E402
 from gpt.plan import plan  # noqa: E402
 from gpt.plots import plot  # noqa: E402
 from gpt.score_cli import score  # noqa: E402
 
-COMMANDS: list[Callable[..., None]] = [sample, export, eval_, plan, attention, plot, score]
+COMMANDS: list[Callable[..., None]] = [sample, export, eval_, chat, score, plan, attention, plot]
 
 
 # ---- parsing and the shared error handling ------------------------------------------------

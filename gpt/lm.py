@@ -121,9 +121,18 @@ class CausalLMModule(L.LightningModule):
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.model(idx)
 
+    def batch_logits(self, batch: dict[str, torch.Tensor], select: Optional[torch.Tensor] = None) -> torch.Tensor:
+        # Packed SFT rows bring restarting positions and a block-causal mask; pretraining windows neither.
+        return self.model(batch["input_ids"], position_ids=batch.get("position_ids"), attn_mask=batch.get("attn_mask"),
+                          select=select)
+
+    def batch_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(summed loss, target count) of a micro-batch; a stage with sparse targets may score only those."""
+        return causal_lm_loss(self.batch_logits(batch), batch["labels"])
+
     # ---- training -----------------------------------------------------------------------
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss_sum, n = causal_lm_loss(self.model(batch["input_ids"]), batch["labels"])
+        loss_sum, n = self.batch_loss(batch)
         A, W = self.trainer.accumulate_grad_batches, self.trainer.world_size
         n_global = batch.get("num_targets_global")
         n_global = n * A * W if n_global is None else n_global.reshape(-1)[0]
@@ -171,7 +180,7 @@ class CausalLMModule(L.LightningModule):
         self._val = torch.zeros(3, dtype=torch.float64, device=self.device)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        loss_sum, n = causal_lm_loss(self.model(batch["input_ids"]), batch["labels"])
+        loss_sum, n = self.batch_loss(batch)
         nbytes = batch["num_bytes"].sum() if "num_bytes" in batch else torch.zeros((), device=self.device)
         self._val += torch.stack([loss_sum.double(), n.double(), nbytes.double()])
 

@@ -41,7 +41,10 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             no_decay.append(p)
         else:
             decay.append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # No empty group (LoRA trains matrices only): DeepSpeed drops it, and the lr scheduler,
+    # built for both groups, then fails on the first step.
+    return [g for g in groups if g["params"]]
 
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.1,

@@ -202,3 +202,78 @@ def test_layout_mismatch_fails_fast_with_one_line(slurm_jobs: SlurmJobs, tmp_pat
     assert record["JobState"] == "FAILED"
     log = (slurm_jobs.workdir / "runs" / "slurm" / f"mismatch-{job}.out").read_text()
     assert log.strip() == "error: --trainer.devices=2 but Slurm gave 1 (nodes=2, ntasks-per-node=1)"
+
+
+# --- SFT through slurm/train.sbatch sft CONFIG (helper sft) ------------------------------------
+
+SFT_STEPS = 8
+
+
+@pytest.fixture(scope="session")
+def sft_inputs(tmp_path_factory, tokenizer_json: Path) -> dict[str, Path]:
+    """Demo-task SFT data (held-out file too) and a small starting checkpoint on the demo tokenizer."""
+    import torch
+
+    from data_prep.make_demo_task import make_demo_task
+    from data_prep.make_sft import make_sft
+    from gpt.checkpoint import load_tokenizer, save_model
+    from gpt.config import GPTConfig
+    from gpt.model import GPT
+    d = tmp_path_factory.mktemp("sft")
+    make_demo_task(str(d / "task"), train=600, val=40)
+    make_sft(str(d / "task" / "train.jsonl"), str(tokenizer_json), str(d / "data"), block_size=64,
+             val_source=str(d / "task" / "val.jsonl"), progress=False)
+    tok = load_tokenizer(tokenizer_json)
+    torch.manual_seed(0)
+    init = GPT(GPTConfig.from_preset("tiny", n_layer=2, n_head=2, n_embd=64, block_size=64, vocab_size=tok.vocab_size))
+    save_model(init, d / "init", tokenizer=tok)
+    return {"data": d / "data", "val": d / "task" / "val.jsonl", "init": d / "init"}
+
+
+def sft_config(path: Path, run_dir: Path, inputs: dict[str, Path], tokenizer: Path) -> Path:
+    """recipes/configs/sft-tiny-cpu.yaml shrunk to seconds, its run directory `run_dir`."""
+    import yaml
+    cfg = yaml.safe_load((ROOT / "recipes" / "configs" / "sft-tiny-cpu.yaml").read_text())
+    cfg.update(run_dir=str(run_dir), init_from=str(inputs["init"]), checkpoint_every=4, keep_checkpoints=-1,
+               val_every=SFT_STEPS, print_every=4)
+    cfg["trainer"].update(max_steps=SFT_STEPS, log_every_n_steps=1)
+    for c in cfg["trainer"]["callbacks"]:
+        if c["class_path"].endswith("ChatEval"):
+            c["init_args"].update(data=str(inputs["val"]), examples=40, max_new_tokens=6, batch_size=20)
+    cfg["model"]["model_config"].update(n_layer=2, n_head=2, n_embd=64, block_size=64)
+    cfg["data"].update(data_dir=str(inputs["data"]), tokenizer=str(tokenizer), block_size=64, micro_batch_size=4,
+                       val_examples=16)
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_sft_two_nodes_through_train_sbatch(slurm_jobs: SlurmJobs, sft_inputs: dict[str, Path],
+                                            tokenizer_json: Path, tmp_path: Path):
+    """`slurm/train.sbatch sft CONFIG` on 2 nodes: the run starts from --init_from, trains, validates
+    (val/loss and held-out exact-match, each rank answering half the rows) and checkpoints."""
+    from gpt.chat_eval import load_eval_rows
+    from gpt.checkpoint import load_model
+    from gpt.evaluate import exact_match
+    from tests.pretrain_fixtures import metric_by_step
+    run_dir = tmp_path / "run"
+    config = sft_config(tmp_path / "sft.yaml", run_dir, sft_inputs, tokenizer_json)
+    job = slurm_jobs.sbatch("--nodes=2", "--ntasks-per-node=1", "--job-name=sft", str(ROOT / "slurm" / "train.sbatch"),
+                            "sft", str(config), "--trainer.strategy", "ddp")
+    log = slurm_jobs.workdir / "runs" / "slurm" / f"sft-{job}.out"
+    assert_completed(slurm_jobs.wait(job, timeout=400)[job], log)
+
+    text = log.read_text()
+    assert "2 node(s) x 1 task(s) on n[1-2]" in text and "-m recipes.sft fit" in text
+    assert f"new run from the weights of {sft_inputs['init']}" in text
+    assert checkpoint_step(run_dir / "checkpoints" / "last.ckpt") == SFT_STEPS
+    assert sorted(step_losses(run_dir)) == list(range(SFT_STEPS))
+    assert sorted(metric_by_step(run_dir, "val/loss")) == [SFT_STEPS]
+    em = metric_by_step(run_dir, "val/exact_match")
+    assert sorted(em) == [0, SFT_STEPS]
+    # Summed over the two ranks' halves = gpt.evaluate on all rows of the final checkpoint.
+    model, tok = load_model(run_dir / "checkpoints" / "last.ckpt")
+    r = exact_match(model, tok, load_eval_rows(str(sft_inputs["val"]), 40), max_new_tokens=6)
+    assert abs(r["exact_match"] - em[SFT_STEPS]) < 1e-9
+    assert abs(r["ended"] - metric_by_step(run_dir, "val/ended")[SFT_STEPS]) < 1e-9
+    runs = [read_wandb_run(f) for f in run_dir.glob("wandb/offline-run-*/run-*.wandb")]
+    assert len(runs) == 1 and runs[0]["job_type"] == "sft" and runs[0]["config"]["run"]["world_size"] == 2
