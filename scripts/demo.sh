@@ -35,7 +35,7 @@ step "4/8 sample from the checkpoint"
 "$PY" -m gpt sample --checkpoint "$RUN/pretrain/checkpoints/last.ckpt" \
   --prompt "ROMEO:" --max_new_tokens 200 --temperature 0.8 --top_k 50 --seed 0
 
-# ---- SFT (helper sft): the demo task, SFT data, fine-tuning, exact-match, a chat -----------------
+# ---- SFT: the demo task, SFT data, fine-tuning, exact-match before and after, a chat ------------
 CHAT="$RUN/sft/checkpoints/last.ckpt"
 
 step "5/8 demo task and SFT data: 10 families of instructions with exact answers (held-out phrasings and values)"
