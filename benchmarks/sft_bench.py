@@ -232,7 +232,7 @@ def report(results: dict[str, dict[str, Any]], base: dict[str, Any], a: argparse
 def main(argv: Optional[list[str]] = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--init", default="runs/demo/pretrain/checkpoints/last.ckpt", help="the pretrained checkpoint")
-    ap.add_argument("--steps", type=int, default=300, help="optimizer steps for both (sft-tiny-cpu.yaml: 300)")
+    ap.add_argument("--steps", type=int, default=600, help="optimizer steps for both (sft-tiny-cpu.yaml: 600)")
     ap.add_argument("--warmup", type=int, default=10, help="steps left out of the timing")
     ap.add_argument("--eval_rows", type=int, default=300)
     ap.add_argument("--no-write", dest="write", action="store_false", help="print the table only")

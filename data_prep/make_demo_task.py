@@ -3,8 +3,8 @@
     python -m data_prep.make_demo_task --out runs/demo/task --train 20000 --val 500 --seed 0
 
 writes DIR/train.jsonl and DIR/val.jsonl, one row per line:
-    {"messages": [{"role": "user", "content": "What is 12 + 7?"}, {"role": "assistant", "content": "19"}],
-     "family": "add", "answer": "19", "split": "train", "template": "add/0", "key": "add|12|7"}
+    {"messages": [{"role": "user", "content": "What is the smaller number, 1 or 7?"}, {"role": "assistant", "content": "1"}],
+     "family": "compare", "answer": "1", "split": "train", "template": "compare/7", "key": "pair|1|7"}
 and prints the rows per family. "val" holds the held-out phrasings and values. Each file is
 written to a temporary name and renamed, so an interrupted run never leaves a half file.
 """

@@ -2,17 +2,19 @@
 
     from gpt.demo_task import make_rows, check, reward, FAMILIES
     rows = make_rows(1000, "train", seed=0)   # list of dicts, TRL's conversational format:
-    # {"messages": [{"role": "user", "content": "What is 12 + 7?"},
-    #               {"role": "assistant", "content": "19"}],
-    #  "family": "add", "answer": "19", "split": "train", "template": "add/0", "key": "add|12|7"}
-    check(rows[0], "19.")  -> True       reward(rows[0], "20") -> 0.0
+    # {"messages": [{"role": "user", "content": "What is the smaller number, 1 or 7?"},
+    #               {"role": "assistant", "content": "1"}],
+    #  "family": "compare", "answer": "1", "split": "train", "template": "compare/7", "key": "pair|1|7"}
+    check(rows[0], "1.")  -> True       reward(rows[0], "7") -> 0.0
 
 No instruction data set can be downloaded on the demo's machine, so the post-training stages
-learn and are measured on this generator. Families (FAMILIES): copy, reverse, sort, first/last
-word, count words, compare two numbers, add a digit, look a key up in a short list, and two
-multi-turn ones (recall a word given a turn earlier; a follow-up about the previous answer).
+learn and are measured on this generator. Families (FAMILIES): copy a quoted word, the first/last
+word of 2-3 words, count 1-4 words, the larger/smaller of two digits, look a key up in a list of
+2-3, and two multi-turn ones (recall a word given a turn earlier; say the previous answer again).
 Each family has several phrasing templates, some optional system prompts, and its answers are
-short and canonical ("19", "king", "ship rain king").
+one short canonical token ("7", "king"). The task is sized for the demo's 2.6M-parameter model:
+with longer lists, two-digit numbers and multi-word answers, its SFT stayed at 0-1% held-out
+exact-match and never copied from the prompt (measured: `git log gpt/demo_task.py`).
 
 The held-out split ("val") is unseen twice over: its phrasing templates (and system prompts)
 are never used for training rows, and its values are disjoint — every question's values
@@ -76,76 +78,52 @@ def _word_list(lo: int, hi: int, answer: Callable[[list[str], dict], str], **ext
 
 
 def _compare(rng: random.Random) -> tuple[dict, str, str]:
-    a, b = rng.sample(range(100), 2)
+    a, b = rng.sample(range(10), 2)
     rel = rng.choice(("larger", "smaller"))
-    other = "smaller" if rel == "larger" else "larger"
     answer = max(a, b) if rel == "larger" else min(a, b)
-    return {"a": a, "b": b, "rel": rel, "other": other}, str(answer), f"pair|{min(a, b)}|{max(a, b)}"
-
-
-def _followup(rng: random.Random) -> tuple[dict, str, str]:
-    fields, first, key = _compare(rng)
-    second = fields["a"] + fields["b"] - int(first)  # the other number
-    return {**fields, "first": first}, str(second), key
-
-
-def _add(rng: random.Random) -> tuple[dict, str, str]:
-    a, b = rng.randint(0, 50), rng.randint(1, 9)
-    return {"a": a, "b": b}, str(a + b), f"add|{a}|{b}"
+    return {"a": a, "b": b, "rel": rel}, str(answer), f"pair|{min(a, b)}|{max(a, b)}"
 
 
 def _lookup(rng: random.Random) -> tuple[dict, str, str]:
-    keys = _words(rng, 2, 4)
+    keys = _words(rng, 2, 3)
     values = [rng.randint(0, 9) for _ in keys]
     table = ", ".join(f"{k}: {v}" for k, v in zip(keys, values))
     i = rng.randrange(len(keys))
     return {"table": table, "key": keys[i]}, str(values[i]), f"table|{table}|{keys[i]}"
 
 
-def _recall(rng: random.Random) -> tuple[dict, str, str]:
-    w = rng.choice(WORDS)
-    return {"w": w, "ack": rng.choice(ACKS)}, w, f"recall|{w}"
+def _word(family: str, answer_of_first_turn: Callable[[random.Random, str], str]):
+    """One word, the conversation's only content word; keyed per family, so a held-out word
+    of one family is still an answer (of another family) in training."""
+    def sample(rng: random.Random) -> tuple[dict, str, str]:
+        w = rng.choice(WORDS)
+        return {"words": w, "first": answer_of_first_turn(rng, w)}, w, f"{family}|{w}"
+    return sample
 
 
 FAMILIES: dict[str, Family] = {f.name: f for f in [
     Family("copy", {
-        "train": ("Repeat after me: {words}", "Say this back to me: {words}", "Please repeat these words: {words}",
-                  "Echo: {words}", "Copy this exactly: {words}", "Can you repeat '{words}'?",
-                  "Write '{words}' again.", "Repeat the following: {words}"),
-        "val": ("Say again: {words}", "Please copy these words: {words}", "Could you echo '{words}'?")},
-        _word_list(2, 4, lambda w, f: " ".join(w))),
-    Family("reverse", {
-        "train": ("Reverse the order of these words: {words}", "Reverse: {words}",
-                  "Say these words backwards: {words}", "Write '{words}' in reverse order.",
-                  "Put these words in reverse order: {words}", "What is '{words}' reversed?",
-                  "Reverse the word order of '{words}'.", "Give me these words backwards: {words}"),
-        "val": ("Please reverse these words: {words}", "Write these words in reverse order: {words}",
-                "What do you get when you reverse '{words}'?")},
-        _word_list(2, 4, lambda w, f: " ".join(reversed(w)))),
-    Family("sort", {
-        "train": ("Sort these words alphabetically: {words}", "Put these words in alphabetical order: {words}",
-                  "Sort: {words}", "Arrange '{words}' in alphabetical order.", "Alphabetize: {words}",
-                  "What is '{words}' sorted alphabetically?", "Order these words from A to Z: {words}",
-                  "Sort the words '{words}'."),
-        "val": ("Please sort these words: {words}", "Alphabetize the words '{words}'.",
-                "Write these words in alphabetical order: {words}")},
-        _word_list(2, 3, lambda w, f: " ".join(sorted(w)))),
+        "train": ('Repeat after me: "{words}"', 'Say "{words}".', 'Please repeat this word: "{words}"',
+                  'Echo: "{words}"', 'Copy this exactly: "{words}"', 'Can you repeat "{words}"?',
+                  'Repeat the following: "{words}"', 'Write this again: "{words}"'),
+        "val": ('Say again: "{words}"', 'Please copy this word: "{words}"', 'Could you echo "{words}"?')},
+        _word("copy", lambda rng, w: "")),
     Family("first_last", {
-        "train": ("What is the {pos} word in '{words}'?", "Which word comes {pos} in: {words}",
-                  "Tell me the {pos} word of '{words}'.", "{words} - what is the {pos} word?",
-                  "Give the {pos} word: {words}", "Name the {pos} word in this list: {words}",
-                  "In '{words}', which word is {pos}?", "What word is {pos} in the list {words}?"),
-        "val": ("Find the {pos} word in '{words}'.", "What's the {pos} word of: {words}",
-                "Please say the {pos} word in '{words}'.")},
-        _word_list(3, 5, lambda w, f: w[0] if f["pos"] == "first" else w[-1], pos=("first", "last"))),
+        "train": ('What is the {pos} word in "{words}"?', 'Which word comes {pos} in "{words}"?',
+                  'Tell me the {pos} word of "{words}".', 'Give the {pos} word: "{words}"',
+                  'Name the {pos} word in "{words}".', 'In "{words}", which word is {pos}?',
+                  'The {pos} word of "{words}" is?', 'Say the {pos} word: "{words}"'),
+        "val": ('Find the {pos} word in "{words}".', 'Which is the {pos} word of "{words}"?',
+                'Please say the {pos} word in "{words}".')},
+        _word_list(2, 3, lambda w, f: w[0] if f["pos"] == "first" else w[-1], pos=("first", "last"))),
     Family("count", {
-        "train": ("How many words are in '{words}'?", "Count the words: {words}",
-                  "How many words does this have: {words}", "Count how many words are in '{words}'.",
-                  "Number of words in '{words}'?", "How many words? {words}",
-                  "Tell me how many words are in: {words}", "What is the word count of '{words}'?"),
-        "val": ("Please count the words in '{words}'.", "How many words do you see here: {words}",
-                "Give the number of words in '{words}'.")},
-        _word_list(1, 6, lambda w, f: str(len(w)))),
+        "train": ('How many words are in "{words}"?', 'Count the words: "{words}"',
+                  'How many words does this have: "{words}"', 'Count how many words are in "{words}".',
+                  'Number of words in "{words}"?', 'How many words? "{words}"',
+                  'Tell me how many words are in "{words}".', 'What is the word count of "{words}"?'),
+        "val": ('Please count the words in "{words}".', 'How many words do you see here: "{words}"',
+                'Give the number of words in "{words}".')},
+        _word_list(1, 4, lambda w, f: str(len(w)))),
     Family("compare", {
         "train": ("Which is {rel}, {a} or {b}?", "Which number is {rel}: {a} or {b}?", "{a} or {b}: which is {rel}?",
                   "Of {a} and {b}, which is {rel}?", "Tell me the {rel} number: {a}, {b}.",
@@ -154,40 +132,32 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
         "val": ("Between {a} and {b}, which one is {rel}?", "Which of {a} and {b} is {rel}?",
                 "Name the {rel} of these two numbers: {a}, {b}.")},
         _compare),
-    Family("add", {
-        "train": ("What is {a} + {b}?", "What is {a} plus {b}?", "Add {a} and {b}.", "Compute {a} + {b}.",
-                  "{a} + {b} = ?", "What do you get if you add {b} to {a}?", "Calculate {a} plus {b}.",
-                  "Sum {a} and {b}."),
-        "val": ("Please add {a} and {b}.", "What is the sum of {a} and {b}?", "How much is {a} + {b}?")},
-        _add),
     Family("lookup", {
-        "train": ("In the list '{table}', what is {key}?", "Given {table}. What is {key}?",
+        "train": ('In the list "{table}", what is {key}?', "Given {table}. What is {key}?",
                   "{table}. What number goes with {key}?", "Here is a list: {table}. What is the value of {key}?",
-                  "Look up {key} in '{table}'.", "What is {key} in this list: {table}?",
-                  "From '{table}', tell me {key}.", "Find the value of {key} in: {table}"),
-        "val": ("Using the list '{table}', what is {key}?", "In {table}, what number is {key}?",
-                "Check '{table}'. What is {key}?")},
+                  'Look up {key} in "{table}".', "What is {key} in this list: {table}?",
+                  'From "{table}", tell me {key}.', "Find the value of {key} in: {table}"),
+        "val": ('Using the list "{table}", what is {key}?', "In {table}, what number is {key}?",
+                'Check "{table}". What is {key}?')},
         _lookup),
     Family("recall", {
-        "train": ("Remember the word {w}.|What was the word?", "Please remember this word: {w}.|Tell me the word.",
-                  "My favorite word is {w}.|What is my favorite word?", "Keep this word in mind: {w}.|Which word was it?",
-                  "The secret word is {w}.|What is the secret word?", "Remember {w} for me.|What did I ask you to remember?",
-                  "Here is a word: {w}.|What word did I give you?", "Note the word {w}.|Say the word I gave you."),
-        "val": ("Don't forget the word {w}.|Can you say the word again?",
-                "Here is a word to remember: {w}.|What word did I tell you to remember?",
-                "I pick the word {w}.|Which word did I pick?")},
-        _recall, turns=2),
+        "train": ('Remember the word "{words}".|What was the word?', 'Please remember this: "{words}".|Tell me the word.',
+                  'My favorite word is "{words}".|What is my favorite word?',
+                  'Keep this word in mind: "{words}".|Which word was it?', 'The secret word is "{words}".|What is the secret word?',
+                  'Remember "{words}" for me.|What did I ask you to remember?',
+                  'Here is a word: "{words}".|What word did I give you?', 'Note the word "{words}".|Say the word I gave you.'),
+        "val": ("Don't forget the word \"{words}\".|Can you say the word again?",
+                'Here is a word to remember: "{words}".|What word did I tell you to remember?',
+                'I pick the word "{words}".|Which word did I pick?')},
+        _word("recall", lambda rng, w: rng.choice(ACKS)), turns=2),
     Family("followup", {
-        "train": ("Which is {rel}, {a} or {b}?|And the {other} one?", "Of {a} and {b}, which is {rel}?|What about the {other}?",
-                  "Which number is {rel}: {a} or {b}?|And which is {other}?",
-                  "Pick the {rel} of {a} and {b}.|Now the {other} one.", "{a} or {b}: which is {rel}?|And the {other}?",
-                  "Tell me the {rel} number: {a}, {b}.|Now tell me the {other} number.",
-                  "Compare {a} and {b}. Which is {rel}?|Which is {other}?",
-                  "What is the {rel} number, {a} or {b}?|And the {other} number?"),
-        "val": ("Between {a} and {b}, which one is {rel}?|Which one is {other} then?",
-                "Which of {a} and {b} is {rel}?|And now the {other}?",
-                "Name the {rel} of these two numbers: {a}, {b}.|What about the {other} of the two?")},
-        _followup, turns=2),
+        "train": ('Say "{words}".|Say it again.', 'Repeat after me: "{words}"|Once more, please.',
+                  'Echo: "{words}"|Repeat your answer.', 'Copy this exactly: "{words}"|What did you just say?',
+                  'Please say "{words}".|Again?', 'Write this: "{words}"|Say that one more time.',
+                  'Repeat the word "{words}".|And again.', 'Say the word "{words}".|What was your answer?'),
+        "val": ('Could you echo "{words}"?|Can you repeat that?', 'Please copy this word: "{words}"|One more time?',
+                'Type the word "{words}".|What did you answer?')},
+        _word("followup", lambda rng, w: w), turns=2),
 ]}
 
 
@@ -210,8 +180,7 @@ def make_row(family: str, split: Split, rng: random.Random) -> dict:
     turns = fam.templates[split][t].format(**fields).split("|")
     messages = [{"role": "user", "content": turns[0]}]
     if fam.turns == 2:
-        first_reply = fields["first"] if "first" in fields else fields["ack"]
-        messages += [{"role": "assistant", "content": first_reply}, {"role": "user", "content": turns[1]}]
+        messages += [{"role": "assistant", "content": fields["first"]}, {"role": "user", "content": turns[1]}]
     messages.append({"role": "assistant", "content": answer})
     if rng.random() < SYSTEM_SHARE:
         messages.insert(0, {"role": "system", "content": rng.choice(SYSTEM_PROMPTS[split])})
@@ -254,3 +223,4 @@ def check(row: dict, reply: str) -> bool:
 def reward(row: dict, reply: str) -> float:
     """The verifiable reward: 1.0 for an exact match, else 0.0."""
     return 1.0 if check(row, reply) else 0.0
+

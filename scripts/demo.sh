@@ -38,7 +38,7 @@ step "4/8 sample from the checkpoint"
 # ---- SFT: the demo task, SFT data, fine-tuning, exact-match before and after, a chat ------------
 CHAT="$RUN/sft/checkpoints/last.ckpt"
 
-step "5/8 demo task and SFT data: 10 families of instructions with exact answers (held-out phrasings and values)"
+step "5/8 demo task and SFT data: 7 families of instructions with exact answers (held-out phrasings and values)"
 if [ -f "$RUN/task/train.jsonl" ] && [ -f "$RUN/task/val.jsonl" ]; then
   echo "kept $RUN/task/train.jsonl and val.jsonl"
 else
@@ -55,5 +55,5 @@ step "7/8 held-out exact-match (300 conversations, greedy): the pretrained model
 "$PY" -m gpt.evaluate --checkpoint "$CHAT" --n 300 --max_new_tokens 24 --batch_size 100
 
 step "8/8 a chat with the fine-tuned model (gpt chat, a conversation on stdin)"
-printf '%s\n' 'Remember the word "king".' 'What was the word?' 'What is 12 + 7?' \
+printf '%s\n' 'Remember the word "king".' 'What was the word?' 'Which is larger, 3 or 8?' \
   | "$PY" -m gpt chat --checkpoint "$CHAT" --system "Be brief." --temperature 0 --max_new_tokens 24

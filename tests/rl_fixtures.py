@@ -35,7 +35,7 @@ def write_rl_inputs(out: Path, n_train: int = 64, n_val: int = 8, seed: int = 0)
     torch.manual_seed(seed)
     save_model(GPT(GPTConfig.from_preset("tiny", **TINY)), out / "sft", tokenizer=tok)
     for split, n in (("train", n_train), ("val", n_val)):
-        rows = make_rows(n, split, seed=0, families=["add", "compare", "copy", "first_last"])
+        rows = make_rows(n, split, seed=0, families=["count", "compare", "copy", "first_last"])
         (out / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return {"sft": str(out / "sft"), "tokenizer": str(out / "tokenizer.json"), "train": str(out / "train.jsonl"),
             "val": str(out / "val.jsonl"), "rm": write_reward_model(out / "rm.ckpt")}

@@ -1,4 +1,5 @@
 """gpt.demo_task and data_prep.make_demo_task: correct answers, determinism, a truly held-out split, the checker."""
+import itertools
 import json
 import random
 import re
@@ -21,31 +22,25 @@ def numbers_in(text: str) -> list[int]:
 
 def expected_answer(row: dict) -> str:
     """The answer recomputed from the question text alone, family by family."""
-    q = next(m["content"] for m in row["messages"] if m["role"] == "user")
-    f = row["family"]
+    users = [m["content"] for m in row["messages"] if m["role"] == "user"]
+    q, f = users[0], row["family"]
     if f == "copy":
         return " ".join(words_in(q))
-    if f == "reverse":
-        return " ".join(reversed(words_in(q)))
-    if f == "sort":
-        return " ".join(sorted(words_in(q)))
     if f == "count":
         return str(len(words_in(q)))
     if f == "first_last":
         ws = words_in(q)
         return ws[0] if "first" in q else ws[-1]
-    if f == "add":
-        return str(sum(numbers_in(q)))
-    if f in ("compare", "followup"):
+    if f == "compare":
         a, b = numbers_in(q)
-        first = max(a, b) if "larger" in q else min(a, b)
-        return str(first) if f == "compare" else str(a + b - first)
+        return str(max(a, b) if "larger" in q else min(a, b))
     if f == "lookup":
         table = dict(re.findall(r"([a-z]+): (\d)", q))
         (key,) = [w for w in re.findall(r"\b([a-z]+)\b(?!:)", q) if w in WORDS]  # the word not followed by ":"
         return table[key]
-    if f == "recall":
-        return words_in(q)[0]
+    if f in ("recall", "followup"):
+        (word,) = words_in(q)
+        return word
     raise AssertionError(f)
 
 
@@ -77,7 +72,7 @@ def test_deterministic_and_prefix_stable():
     assert a == make_rows(200, "train", seed=7)
     assert make_rows(50, "train", seed=7) == a[:50]
     assert make_rows(200, "train", seed=8) != a
-    assert make_row("add", "val", random.Random(3)) == make_row("add", "val", random.Random(3))
+    assert make_row("compare", "val", random.Random(3)) == make_row("compare", "val", random.Random(3))
 
 
 def test_held_out_split_is_unseen_in_phrasings_and_values():
@@ -93,11 +88,15 @@ def test_held_out_split_is_unseen_in_phrasings_and_values():
     user = lambda rows: {m["content"] for r in rows for m in r["messages"] if m["role"] == "user"}
     assert not user(train) & user(val)
     # Values: a held-out word list or number pair is not used by any training family either.
-    def pairs(rows):
-        first_user = lambda r: next(m["content"] for m in r["messages"] if m["role"] == "user")
-        return {tuple(sorted(numbers_in(first_user(r)))) for r in rows if r["family"] in ("compare", "followup")}
-    assert not pairs(train) & pairs(val)
-    share = sum(key_split(f"pair|{a}|{b}") == "val" for a in range(100) for b in range(a + 1, 100)) / 4950
+    first_user = lambda r: next(m["content"] for m in r["messages"] if m["role"] == "user")
+    pairs = lambda rows: {tuple(sorted(numbers_in(first_user(r)))) for r in rows if r["family"] == "compare"}
+    lists = lambda rows: {tuple(words_in(first_user(r))) for r in rows if r["family"] in ("first_last", "count")}
+    single = lambda rows: {(r["family"], r["answer"]) for r in rows if r["family"] in ("copy", "recall", "followup")}
+    assert not pairs(train) & pairs(val) and len(pairs(val)) >= 5
+    assert not lists(train) & lists(val) and not single(train) & single(val)
+    # A single-word family's held-out words are answers of other families in training.
+    assert {w for _, w in single(val)} <= {r["answer"] for r in train}
+    share = sum(key_split("words|" + " ".join(w)) == "val" for w in itertools.permutations(WORDS, 2)) / (26 * 25)
     assert 0.15 < share < 0.25
 
 
@@ -105,7 +104,7 @@ def test_unknown_family_and_split():
     with pytest.raises(ValueError, match=r"^unknown demo task families \['nope'\]"):
         make_rows(3, "train", families=["nope"])
     with pytest.raises(ValueError, match=r"^split must be one of train, val, got 'test'$"):
-        make_row("add", "test", random.Random(0))
+        make_row("copy", "test", random.Random(0))
 
 
 @pytest.mark.parametrize("answer, reply, ok", [
@@ -131,9 +130,9 @@ def test_make_demo_task_writes_jsonl(tmp_path, capsys):
     lines = (tmp_path / "t" / "train.jsonl").read_text().splitlines()
     assert [json.loads(x) for x in lines] == make_rows(40, "train", 3)
     assert [json.loads(x) for x in (tmp_path / "t" / "val.jsonl").read_text().splitlines()] == make_rows(20, "val", 3)
-    assert counts["train"]["add"] == 4 and counts["val"]["add"] == 2
+    assert counts["train"]["copy"] == 6 and counts["val"]["copy"] == 3 and sum(counts["train"].values()) == 40
     out = capsys.readouterr().out
-    assert "train.jsonl (40 rows)" in out and re.search(r"add +train +4 +val +2", out)
+    assert "train.jsonl (40 rows)" in out and re.search(r"copy +train +6 +val +3", out)
     assert sorted(p.name for p in (tmp_path / "t").iterdir()) == ["train.jsonl", "val.jsonl"]
     first = (tmp_path / "t" / "train.jsonl").read_bytes()
     make_demo_task(str(tmp_path / "t"), train=40, val=20, seed=3)

@@ -25,20 +25,20 @@ def test_hard_negatives_are_wrong_and_of_their_kind():
         neg = hard_negatives(r)
         assert neg["no_answer"] and neg["wrong_value"], r
         assert not any(check(r, t) for v in neg.values() for t in v), r
-    add = _row("add")
-    n = int(add["answer"])
-    assert set(hard_negatives(add)["off_by_one"]) == {str(n - 1), str(n + 1)} - {"-1"}
+    cnt = _row("count")
+    n = int(cnt["answer"])
+    assert set(hard_negatives(cnt)["off_by_one"]) == {str(n - 1), str(n + 1)}  # count >= 1
     cmp = _row("compare")
     lo, hi = cmp["key"].split("|")[1:]
     assert hard_negatives(cmp)["wrong_value"] == [hi if cmp["answer"] == lo else lo]  # the other number
-    rev = _row("reverse")
-    words = rev["key"].split("|", 1)[1]
-    assert words in hard_negatives(rev)["wrong_value"]  # the words in the question's order
+    fl = _row("first_last")
+    words = fl["key"].split("|", 1)[1].split()
+    assert set(hard_negatives(fl)["wrong_value"]) == set(words) - {fl["answer"]}  # the question's other words
     assert "off_by_one" not in hard_negatives(_row("recall"))  # one word, nothing beside it
 
 
 def test_pairing_rules_and_counts():
-    rows = [_row(f) for f in ("add", "copy", "count", "compare")]
+    rows = [_row(f) for f in ("lookup", "copy", "count", "compare")]
     right = [r["answer"] for r in rows]
     replies = [[right[0] + ".", "7777", "7777 "],   # right and wrong sampled (a duplicate wrong reply)
                [right[1], right[1].upper()],         # only right (one reply, as the checker normalizes): synthetic
@@ -48,8 +48,8 @@ def test_pairing_rules_and_counts():
     by_key = {}
     for p in pairs:
         by_key.setdefault(p["key"], []).append(p)
-    add, copy, count, compare = (by_key[r["key"]] for r in rows)
-    assert [(p["chosen"][0]["content"], p["rejected"][0]["content"]) for p in add] == [(right[0] + ".", "7777")]
+    lookup, copy, count, compare = (by_key[r["key"]] for r in rows)
+    assert [(p["chosen"][0]["content"], p["rejected"][0]["content"]) for p in lookup] == [(right[0] + ".", "7777")]
     assert len(copy) == 1 and copy[0]["rejected_source"] in ("off_by_one", "wrong_value", "no_answer")
     assert copy[0]["chosen"][0]["content"] == right[1] and copy[0]["chosen_source"] == "sampled"
     assert sorted(p["rejected"][0]["content"] for p in count) == ["1000", "2000"]

@@ -65,7 +65,8 @@ def _module(src, tok_file, world_size, rank, max_steps=4, steps_per_rollout=1, m
 
 
 def test_order_is_a_function_of_seed_and_index_across_world_sizes_and_resume(tmp_path, tok_file):
-    src = _jsonl(tmp_path / "t.jsonl", make_rows(40, "train", seed=0))
+    # Keys made unique by the row's index: the demo task repeats a value (one word) across rows.
+    src = _jsonl(tmp_path / "t.jsonl", [{**r, "key": f"{r['key']}#{i}"} for i, r in enumerate(make_rows(40, "train", seed=0))])
     one = _module(src, tok_file, world_size=1, rank=0, m=6)
     seq = [r["key"] for b in one.train_dataloader() for r in b["rows"]]
     assert len(seq) == 24 and len(set(seq)) == 24  # 4 rollouts x 6 prompts, no repeats within the epoch

@@ -149,7 +149,7 @@ def test_sft_learns_the_demo_task_and_reports_exact_match(tmp_path, data):
     em = metric_by_step(run, "val/exact_match")
     assert sorted(em) == [0, 20, 40]  # the starting model, then each validation
     keys = set().union(*read_csv_metrics(run))
-    assert {"val/ended", "val/truncated", "val/exact_match/add", "val/exact_match/recall"} <= keys
+    assert {"val/ended", "val/truncated", "val/exact_match/compare", "val/exact_match/recall"} <= keys
     # The recorded exact-match is what gpt.evaluate measures on the same rows from the checkpoint.
     from gpt.chat_eval import load_eval_rows
     from gpt.evaluate import exact_match
