@@ -2,7 +2,7 @@
 # The demo (`make demo`): the embedded Shakespeare corpus -> byte-level BPE tokenizer ->
 # train/val token shards -> tiny-cpu pretraining -> a sample from the checkpoint; then the
 # verifiable demo task -> SFT data -> supervised fine-tuning -> held-out exact-match before and
-# after SFT -> a chat through `gpt chat`. About 6 minutes on 2 CPU cores (5 min 47 s measured 2026-11-29).Re-running skips what is finished: the tokenizer is kept, the
+# after SFT -> a chat through `gpt chat`. About 6 minutes on 2 CPU cores (5 min 47 s measured 2026-11-29). Re-running skips what is finished: the tokenizer is kept, the
 # sharding job skips its finished tasks, and pretraining resumes from last.ckpt (returning at
 # once when it already reached max_steps). Everything lands under runs/demo/: the tokenizer and
 # shards, and the run directory runs/demo/pretrain/ (group "demo" in recipes/configs/tiny-cpu.yaml:
