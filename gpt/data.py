@@ -266,3 +266,12 @@ class PretrainDataModule(L.LightningDataModule):
         if state.get("seed", self.seed) != self.seed or state.get("block_size", self.block_size) != self.block_size:
             raise ValueError(f"the checkpoint's data seed/block_size ({state.get('seed')}, {state.get('block_size')}) "
                              f"differ from this run's ({self.seed}, {self.block_size}); resume would change the data")
+
+
+def check_restored(state: dict[str, Any], identity: dict[str, Any], what: str, changes: str) -> None:
+    """Refuse a resume whose checkpointed settings (state) differ from this run's (identity), naming each."""
+    changed = {k: (state[k], v) for k, v in identity.items() if k in state and state[k] != v}
+    if changed:
+        said = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items())
+        raise ValueError(f"the checkpoint's {what} settings differ from this run's ({said}); resume would "
+                         f"change {changes}")

@@ -36,7 +36,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
 from gpt.chat import ChatFormatError, ChatTemplate, validate_messages
-from gpt.data import StepBatchSampler, feistel_permute, permutation_key
+from gpt.data import StepBatchSampler, check_restored, feistel_permute, permutation_key
 from gpt.tokenizer import Tokenizer
 
 _LOADERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
@@ -254,8 +254,4 @@ class PromptDataModule(L.LightningDataModule):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._restored = state
-        changed = {k: (state[k], v) for k, v in self.identity().items() if k in state and state[k] != v}
-        if changed:
-            said = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items())
-            raise ValueError(f"the checkpoint's prompt settings differ from this run's ({said}); resume would change "
-                             "the prompts")
+        check_restored(state, self.identity(), "prompt", "the prompts")

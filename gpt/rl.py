@@ -59,6 +59,7 @@ from gpt.config import GPTConfig
 from gpt.lm import log_at_step
 from gpt.model import GPT
 from gpt.optim import LRSchedule, Schedule, param_groups
+from gpt.rl_models import begin_micro_step, freeze, gathered_copy
 from gpt.rl_losses import (AdaptiveKLController, KLEstimator, gae, group_advantages, grpo_loss, kl_estimate,
                            ppo_policy_loss, value_loss)
 from gpt.run import load_initial_weights, model_identity
@@ -81,20 +82,6 @@ def load_reward_fn(spec: str) -> Callable[[dict, str], float]:
     if not callable(fn):
         raise ValueError(f"model.reward_fn {spec!r} is not callable")
     return fn
-
-
-def begin_micro_step(engine: Any) -> None:
-    """Open a DeepSpeed micro-step, as engine.forward does before each forward.
-
-    DeepSpeed counts micro-steps at engine.forward, expecting one backward per forward; Lightning
-    runs a manual-optimization training_step inside one engine forward, so each further backward
-    in it must open its own micro-step, or ZeRO-3 overwrites the accumulated gradient partitions
-    with the last micro-batch's (tested: ZeRO-3 with micro-batches equals DDP).
-    """
-    from deepspeed.runtime.base_optimizer import ZeROOptimizer
-
-    if isinstance(engine.optimizer, ZeROOptimizer):
-        engine.optimizer.clear_backward_seen_flag()
 
 
 @dataclass
@@ -309,46 +296,15 @@ class RLModule(L.LightningModule):
         return model
 
     def _freeze(self, model: torch.nn.Module) -> torch.nn.Module:
-        model.eval().requires_grad_(False)
-        precision = str(self.trainer.precision)
-        dtype = torch.bfloat16 if precision.startswith("bf16") else torch.float16 if precision.startswith("16") \
-            else next(self.model.parameters()).dtype
-        model = model.to(device=self.device, dtype=dtype)
-        if self._zero3():
-            import deepspeed
-
-            # A DeepSpeed engine without an optimizer partitions the frozen weights as the policy's are
-            # (the same ZeRO-3 settings, parameter offload included); each forward gathers a layer at a time.
-            zero = {k: v for k, v in self.trainer.strategy.config["zero_optimization"].items() if k != "offload_optimizer"}
-            cfg = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": zero,
-                   "bf16": {"enabled": dtype == torch.bfloat16}, "fp16": {"enabled": dtype == torch.float16}}
-            engine, *_ = deepspeed.initialize(model=model, config=cfg)
-            model = engine.module
-        return model
+        return freeze(model, self.trainer, self.device, next(self.model.parameters()).dtype, self._zero3())
 
     def generation_model(self) -> GPT:
         """The policy to sample from: itself, or under ZeRO-3 a full copy refreshed from the shards
         (one parameter gathered at a time), so generation never gathers layers per token."""
         if not self._zero3():
             return self.model
-        import deepspeed
-
-        copy = self._aux.get("generation")
-        if copy is None:
-            with torch.device("meta"):
-                copy = GPT(self.config)
-            copy = copy.to_empty(device=self.device).eval().requires_grad_(False)
-            if self.config.flavour == "llama":  # non-persistent buffers built on meta: rebuild them
-                from gpt.model import rope_cache
-
-                copy.rope_cos, copy.rope_sin = (t.to(self.device) for t in rope_cache(self.config, self.config.block_size))
-            if self.config.tie_embeddings:  # to_empty made two tensors of the tied one
-                copy.lm_head.weight = copy.wte.weight
-            self._aux["generation"] = copy
-        for name, p in self.model.named_parameters():  # a tied weight once, by its first name
-            with deepspeed.zero.GatheredParameters([p]):
-                copy.get_parameter(name).data.copy_(p.data)
-        return copy
+        self._aux["generation"] = gathered_copy(self.model, self.config, self.device, self._aux.get("generation"))
+        return self._aux["generation"]
 
     # ---- one rollout --------------------------------------------------------------------
     def _micro(self, n: int) -> list[torch.Tensor]:

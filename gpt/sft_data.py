@@ -50,7 +50,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
-from gpt.data import StepBatchSampler, feistel_permute, permutation_key
+from gpt.data import StepBatchSampler, check_restored, feistel_permute, permutation_key
 from gpt.objectives import IGNORE_INDEX
 from gpt.shards import ExampleShards, ShardError
 from gpt.tokenizer import PAD, Tokenizer
@@ -303,11 +303,7 @@ class StepDataModule(L.LightningDataModule):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._restored = state
-        changed = {k: (state[k], v) for k, v in self.identity().items() if k in state and state[k] != v}
-        if changed:
-            said = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items())
-            raise ValueError(f"the checkpoint's data settings differ from this run's ({said}); resume would "
-                             "change the data")
+        check_restored(state, self.identity(), "data", "the data")
 
 
 def data_sha256(manifest: dict[str, Any]) -> str:
