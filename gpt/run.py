@@ -42,6 +42,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
 from gpt.checkpoint import CheckpointError
+from gpt.safe_load import safe_load
 
 RUN_FILE = "run.json"
 CONFIG_FILE = "config.yaml"
@@ -147,7 +148,7 @@ def checkpoint_meta(path: str | os.PathLike) -> dict[str, Any]:
             from gpt.zero import load_meta
 
             return load_meta(p)
-        return torch.load(p, map_location="cpu", weights_only=True, mmap=True)
+        return safe_load(p)  # weights-only, mmap; a truncated or foreign file named in one line
     except CheckpointError as e:  # already names the file at fault (a shard inside a directory)
         raise RunError(_one_line(e)) from None
     except Exception as e:

@@ -404,3 +404,14 @@ def test_setup_errors_are_one_line_before_anything_is_written(tmp_path, shards):
         line = _one_error_line(run_recipe(cfg, *flags, check=False))
         assert expect in line, (what, line)
         assert not run.exists(), what  # no W&B run, no run.json, no CSV
+
+
+def test_checkpoint_meta_names_a_garbage_file_in_one_line(tmp_path):
+    """--init_from / --ckpt_path at random bytes: the safe loader's one line, not torch's mmap advice."""
+    from gpt.run import RunError, checkpoint_meta
+
+    bad = tmp_path / "garbage.ckpt"
+    bad.write_bytes(os.urandom(1000))
+    with pytest.raises(RunError) as e:
+        checkpoint_meta(bad)
+    assert str(e.value) == f"{bad}: truncated or not a torch zip file (no readable zip directory)"
