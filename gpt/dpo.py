@@ -30,7 +30,7 @@ rewards/accuracies (share of pairs with chosen reward > rejected), logps/chosen 
 logps/rejected (the policy's summed reply log-probs: when both fall, DPO is pushing the
 rejected reply down faster than the chosen one up, the known failure). The same at each
 validation under val/ (val/loss, val/rewards/chosen, ...). Held-out exact-match through
-generation comes from a callback (ExactMatchEval below, or gpt.chat_eval.ChatEval).
+generation comes from a callback (gpt.chat_eval.ChatEval, as in recipes/configs/dpo-tiny-cpu.yaml).
 """
 from __future__ import annotations
 
@@ -38,11 +38,10 @@ import contextlib
 import math
 from typing import Any, Iterator, Optional
 
-import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
+from gpt.lora import LoRAMixin
 from gpt.objectives import IGNORE_INDEX, dpo_loss, sequence_logprobs
 from gpt.pair_data import PairRows
 from gpt.pair_module import PairModule
@@ -68,7 +67,7 @@ def adapters_disabled(model: torch.nn.Module) -> Iterator[None]:
             m.enable_adapters(True)
 
 
-class DPOModule(PairModule):
+class DPOModule(LoRAMixin, PairModule):
     """DPO / IPO on preference pairs; see the module docstring.
 
     Args:
@@ -78,18 +77,23 @@ class DPOModule(PairModule):
         beta: the strength of the pull toward the reference (DPO's beta; IPO's target is 1/(2 beta)).
         loss_type: sigmoid (DPO) or ipo.
         label_smoothing: sigmoid only: the assumed share of flipped labels (conservative DPO); 0 = plain DPO.
+        rpo_alpha: weight of the chosen reply's mean token NLL added to each pair's loss (RPO, Pang et
+            al. 2024; TRL's rpo_alpha): keeps log p(chosen) from falling with log p(rejected); 0 = off.
         reference_batch_size: pairs per forward while caching the reference log-probs
             (default: data.micro_batch_size).
+        lora_r, lora_alpha, lora_dropout, lora_targets: LoRA as in gpt.sft.SFTModule (0 = full
+            fine-tuning); the reference is then the base weights (the adapters start at zero).
     """
 
-    STATS = ("loss", "chosen", "rejected", "accuracy", "logps_chosen", "logps_rejected")
+    STATS = ("loss", "chosen", "rejected", "accuracy", "logps_chosen", "logps_rejected", "nll")
 
     def __init__(self, preset: str = "tiny", model_config: Optional[dict[str, Any]] = None,
                  tokenizer: Optional[str] = None, lr: float = 1e-5, weight_decay: float = 0.0,
                  betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8, schedule: str = "cosine",
                  warmup_steps: int = 10, min_lr_ratio: float = 0.1, decay_fraction: float = 0.2,
                  compile: bool = False, beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
-                 reference_batch_size: Optional[int] = None):
+                 rpo_alpha: float = 0.0, reference_batch_size: Optional[int] = None, lora_r: int = 0,
+                 lora_alpha: float = 16.0, lora_dropout: float = 0.0, lora_targets: Optional[list[str]] = None):
         super().__init__(preset=preset, model_config=model_config, tokenizer=tokenizer, lr=lr,
                          weight_decay=weight_decay, betas=betas, eps=eps, schedule=schedule,
                          warmup_steps=warmup_steps, min_lr_ratio=min_lr_ratio, decay_fraction=decay_fraction,
@@ -101,6 +105,9 @@ class DPOModule(PairModule):
         if not 0.0 <= label_smoothing < 0.5 or (label_smoothing and loss_type != "sigmoid"):
             raise ValueError(f"model.label_smoothing must be in [0, 0.5) and only with loss_type sigmoid, "
                              f"got {label_smoothing} with {loss_type}")
+        if not rpo_alpha >= 0:
+            raise ValueError(f"model.rpo_alpha must be >= 0, got {rpo_alpha}")
+        self.init_lora(lora_r, lora_alpha, lora_dropout, lora_targets)
         if reference_batch_size is not None and reference_batch_size < 1:
             raise ValueError(f"model.reference_batch_size must be >= 1, got {reference_batch_size}")
         self.reference: dict[str, torch.Tensor] = {}  # split -> (pairs, 2) fp32: log ref(chosen), log ref(rejected)
@@ -121,16 +128,21 @@ class DPOModule(PairModule):
         pc, pr = policy.chunk(2)
         hp = self.hparams
         losses, rc, rr = dpo_loss(pc, pr, ref[:, 0], ref[:, 1], hp.beta, hp.loss_type, hp.label_smoothing)
+        # The chosen reply's mean token NLL (ipo's log-probs are already per-token means).
+        tokens = (batch["labels"].chunk(2)[0] != IGNORE_INDEX).sum(-1).clamp(min=1)
+        nll = -(pc if hp.loss_type == "ipo" else pc / tokens)
+        if hp.rpo_alpha:
+            losses = losses + hp.rpo_alpha * nll
         stats = torch.stack([losses.detach().sum(), rc.sum(), rr.sum(), (rc > rr).float().sum(),
-                             pc.detach().sum(), pr.detach().sum()])
+                             pc.detach().sum(), pr.detach().sum(), nll.detach().sum()])
         return losses, stats
 
     def metrics(self, sums: list[float], pairs: float, prefix: str) -> dict[str, float]:
-        loss, chosen, rejected, acc, lc, lr = (s / pairs for s in sums)
+        loss, chosen, rejected, acc, lc, lr, nll = (s / pairs for s in sums)
         p = "" if prefix == "train" else f"{prefix}/"
         return {f"{prefix}/loss": loss, f"{p}rewards/chosen": chosen, f"{p}rewards/rejected": rejected,
                 f"{p}rewards/margins": chosen - rejected, f"{p}rewards/accuracies": acc,
-                f"{p}logps/chosen": lc, f"{p}logps/rejected": lr}
+                f"{p}logps/chosen": lc, f"{p}logps/rejected": lr, f"{prefix}/nll_loss": nll}
 
     # ---- the reference table ------------------------------------------------------------
     def on_train_start(self) -> None:
@@ -206,48 +218,3 @@ class DPOModule(PairModule):
         if isinstance(ref, dict):
             self.reference_data = ref.get("data")
             self.reference = {k: v for k, v in ref.items() if isinstance(v, torch.Tensor)}
-
-
-class ExactMatchEval(Callback):
-    """Held-out exact-match through generation (gpt.evaluate) at the start of a fresh run and after each validation.
-
-    Args:
-        data: JSONL of demo-task rows (data_prep.make_demo_task's val.jsonl).
-        examples: the first N rows.
-        max_new_tokens: reply length limit.
-        batch_size: prompts per generate call.
-    """
-
-    def __init__(self, data: str, examples: int = 200, max_new_tokens: int = 24, batch_size: int = 100):
-        import json
-
-        with open(data, encoding="utf-8") as f:
-            self.rows = [json.loads(line) for line in f if line.strip()][:examples]
-        if not self.rows:
-            raise ValueError(f"{data}: no rows")
-        self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
-
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.global_step == 0:
-            self.evaluate(trainer, pl_module)
-
-    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not trainer.sanity_checking:
-            self.evaluate(trainer, pl_module)
-
-    def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> float:
-        from gpt.evaluate import exact_match
-        from gpt.tokenizer import Tokenizer
-
-        tok = Tokenizer.from_str(pl_module.tokenizer_json)
-        # Every rank answers every row (a ZeRO-3 forward needs all ranks; greedy replies agree).
-        with torch.no_grad(), trainer.precision_plugin.forward_context():
-            result = exact_match(pl_module.model, tok, self.rows, max_new_tokens=self.max_new_tokens,
-                                 batch_size=self.batch_size)
-        if trainer.is_global_zero:
-            for logger in trainer.loggers:
-                logger.log_metrics({"val/exact_match": result["exact_match"], "val/ended": result["ended"]},
-                                   step=trainer.global_step)
-            rank_zero_info(f"[step {trainer.global_step}] held-out exact-match {100 * result['exact_match']:.1f}% "
-                           f"of {result['n']}")
-        return result["exact_match"]

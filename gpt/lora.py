@@ -152,3 +152,41 @@ def merged_state(meta: dict[str, Any], state: dict[str, torch.Tensor]) -> dict[s
     if config.tie_embeddings:
         plain.pop("lm_head.weight", None)  # re-tied by the loader
     return plain
+
+
+class LoRAMixin:
+    """LoRA for a gpt.lm.CausalLMModule subclass (SFT, DPO): set `self.lora` with `init_lora` in
+    __init__, then `configure_model` injects the adapters after the base weights are in (so a fresh
+    run's --init_from weights become the base layers), `run_identity` records the LoRA shape (a
+    resume must adapt the same projections the same way), and checkpoints carry the settings that
+    gpt.checkpoint.load_model merges with. Put it before the module class in the bases."""
+
+    lora: Optional[LoRASettings] = None
+
+    def init_lora(self, r: int, alpha: float, dropout: float, targets: Optional[list[str]]) -> None:
+        if r < 0:
+            raise ValueError(f"model.lora_r must be >= 0 (0 = full fine-tuning), got {r}")
+        self.lora = LoRASettings(r, alpha, dropout, list(targets or TARGETS)) if r else None
+
+    def run_identity(self) -> dict[str, Any]:
+        lora = self.lora
+        return {**super().run_identity(), "model.lora_r": lora.r if lora else 0,  # type: ignore[misc]
+                "model.lora_alpha": lora.alpha if lora else None, "model.lora_targets": lora.targets if lora else None}
+
+    def configure_model(self) -> None:
+        if getattr(self, "model", None) is not None:
+            return
+        super().configure_model()  # type: ignore[misc]  # the GPT, with --init_from's weights on a fresh run
+        if self.lora is not None:
+            from lightning.pytorch.utilities import rank_zero_info
+
+            add_lora(self.model, self.lora)  # type: ignore[attr-defined]
+            trainable, total = trainable_parameters(self.model)  # type: ignore[attr-defined]
+            rank_zero_info(f"LoRA r={self.lora.r} alpha={self.lora.alpha:g} on {', '.join(self.lora.targets)}: "
+                           f"{trainable:,} of {total:,} parameters train ({100 * trainable / total:.2f}%)")
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)  # type: ignore[misc]
+        if self.lora is not None:  # how gpt.checkpoint.load_model merges the adapters
+            checkpoint["gpt"]["lora"] = self.lora.to_dict()
+

@@ -28,15 +28,14 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import torch
-from lightning.pytorch.utilities import rank_zero_info
 
 from gpt.lm import CausalLMModule, Preset
-from gpt.lora import TARGETS, LoRASettings, add_lora, trainable_parameters
+from gpt.lora import LoRAMixin
 from gpt.objectives import IGNORE_INDEX, causal_lm_loss
 from gpt.optim import Schedule
 
 
-class SFTModule(CausalLMModule):
+class SFTModule(LoRAMixin, CausalLMModule):
     """CausalLMModule for chat data, with optional LoRA.
 
     Args:
@@ -59,25 +58,7 @@ class SFTModule(CausalLMModule):
                          weight_decay=weight_decay, betas=betas, eps=eps, schedule=schedule,
                          warmup_steps=warmup_steps, min_lr_ratio=min_lr_ratio, decay_fraction=decay_fraction,
                          compile=compile)
-        if lora_r < 0:
-            raise ValueError(f"model.lora_r must be >= 0 (0 = full fine-tuning), got {lora_r}")
-        self.lora = LoRASettings(lora_r, lora_alpha, lora_dropout, list(lora_targets or TARGETS)) if lora_r else None
-
-    def run_identity(self) -> dict[str, Any]:
-        """CausalLMModule's, plus the LoRA shape: a resume must adapt the same projections the same way."""
-        lora = self.lora
-        return {**super().run_identity(), "model.lora_r": lora.r if lora else 0,
-                "model.lora_alpha": lora.alpha if lora else None, "model.lora_targets": lora.targets if lora else None}
-
-    def configure_model(self) -> None:
-        if self.model is not None:
-            return
-        super().configure_model()  # the GPT, with --init_from's weights on a fresh run
-        if self.lora is not None:
-            add_lora(self.model, self.lora)
-            trainable, total = trainable_parameters(self.model)
-            rank_zero_info(f"LoRA r={self.lora.r} alpha={self.lora.alpha:g} on {', '.join(self.lora.targets)}: "
-                           f"{trainable:,} of {total:,} parameters train ({100 * trainable / total:.2f}%)")
+        self.init_lora(lora_r, lora_alpha, lora_dropout, lora_targets)
 
     def batch_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """The causal-LM loss with logits computed at the supervised positions only."""
@@ -85,8 +66,3 @@ class SFTModule(CausalLMModule):
         targets = labels != IGNORE_INDEX
         logits = self.batch_logits(batch, select=targets)  # (N, V)
         return causal_lm_loss(logits[None], labels[targets][None])
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_save_checkpoint(checkpoint)
-        if self.lora is not None:  # how gpt.checkpoint.load_model merges the adapters
-            checkpoint["gpt"]["lora"] = self.lora.to_dict()

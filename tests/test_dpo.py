@@ -151,10 +151,57 @@ def test_ipo_starts_at_its_target(tmp_path, pairs_dir, tok, tok_path):
     assert csv_metrics(tmp_path, "train/loss")[0] == pytest.approx(1 / (4 * 0.25 ** 2), rel=1e-5)  # (0 - 2)^2
 
 
+def test_rpo_alpha_adds_the_chosen_replies_mean_nll(tmp_path, pairs_dir, tok, tok_path):
+    """At the first step policy = reference, so each pair's loss is log 2 + alpha x its chosen reply's
+    mean token NLL under the starting weights, computed here by hand from the logits."""
+    module = _module(tok, tok_path, rpo_alpha=0.5)
+    dm = _dm(pairs_dir, tok_path, 2)
+    dm._open()
+    start = DPOModule(model_config=tiny_config(tok.vocab_size), tokenizer=str(tok_path))
+    start.configure_model()
+    start.model.load_state_dict(module.model.state_dict())
+    make_trainer(tmp_path, max_steps=1, accumulate=2, limit_val_batches=0).fit(module, dm)
+    # the first optimizer step's pairs: the first global batch of the sample order (2 x 2 pairs)
+    batch = dm.collate([dm.train[i] for i in range(4)])
+    with torch.no_grad():
+        logits = start.model(batch["input_ids"], position_ids=batch["position_ids"])
+    chosen = batch["labels"].chunk(2)[0]
+    logp = sequence_logprobs(logits.chunk(2)[0], chosen)
+    nll = -(logp / (chosen != -100).sum(-1)).mean().item()
+    assert csv_metrics(tmp_path, "train/nll_loss")[0] == pytest.approx(nll, rel=1e-5)
+    assert csv_metrics(tmp_path, "train/loss")[0] == pytest.approx(math.log(2) + 0.5 * nll, rel=1e-5)
+
+
+def test_lora_dpo_trains_only_adapters_and_exports_a_plain_model(tmp_path, pairs_dir, tok, tok_path):
+    """LoRA as in SFT: the base weights stay bitwise, the reference is the base model (loss log 2 at
+    the first step), and the checkpoint loads as a plain GPT that computes what the adapted model does."""
+    from gpt.checkpoint import load_model
+    from gpt.lora import has_lora
+
+    module = _module(tok, tok_path, lora_r=4, lr=3e-2)
+    base = {k: v.clone() for k, v in module.model.state_dict().items() if "lora_" not in k}
+    trainer = make_trainer(tmp_path, max_steps=3, accumulate=2, limit_val_batches=0)
+    trainer.fit(module, _dm(pairs_dir, tok_path, 2))
+    assert has_lora(module.model)
+    assert csv_metrics(tmp_path, "train/loss")[0] == pytest.approx(math.log(2), abs=1e-6)
+    after = module.model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in base.items())
+    assert any(not torch.equal(after[k], torch.zeros_like(after[k])) for k in after if "lora_B" in k)
+    trainer.save_checkpoint(tmp_path / "lora.ckpt")
+    plain, _ = load_model(tmp_path / "lora.ckpt")
+    assert not has_lora(plain)
+    ids = torch.randint(3, tok.vocab_size, (2, 16))
+    module.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(plain(ids), module.model(ids), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("kw, message", [
     ({"beta": 0.0}, "model.beta must be > 0"),
     ({"loss_type": "hinge"}, "model.loss_type must be one of sigmoid, ipo, got 'hinge'"),
     ({"loss_type": "ipo", "label_smoothing": 0.1}, "only with loss_type sigmoid"),
+    ({"rpo_alpha": -1.0}, "model.rpo_alpha must be >= 0"),
+    ({"lora_r": -1}, "model.lora_r must be >= 0"),
 ])
 def test_bad_settings(kw, message):
     with pytest.raises(ValueError, match=message):

@@ -51,7 +51,7 @@ def test_demo_config_parses_and_chains_from_sft(stage, capsys, monkeypatch):
     assert printed["val_every"] > 0 and printed["checkpoint_every"] > 0
     if stage == "dpo":
         assert printed["model"]["loss_type"] == "sigmoid" and printed["model"]["beta"] > 0
-        assert any(c["class_path"] == "gpt.dpo.ExactMatchEval" for c in printed["trainer"]["callbacks"])
+        assert any(c["class_path"] == "gpt.chat_eval.ChatEval" for c in printed["trainer"]["callbacks"])
     else:
         assert "margin" in printed["model"]
 
