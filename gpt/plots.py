@@ -38,7 +38,9 @@ PANELS: list[tuple[str, str, str, tuple[str, ...], bool]] = [
     ("exact_match", "exact match", "fraction", ("exact_match",), False),
     ("rewards", "DPO implicit rewards", "reward", ("rewards/",), False),  # chosen, rejected, margins
     ("logps", "log-probabilities", "log p", ("logps/",), False),        # chosen, rejected
-    ("reward", "RL reward", "reward", ("reward", "score"), False),
+    ("nll", "NLL of the chosen reply", "nats / token", ("nll_loss",), False),  # DPO's rpo_alpha term
+    ("margin", "reward margin (chosen - rejected)", "reward", ("margin",), False),
+    ("reward", "RL reward", "reward", ("reward", "score", "verifier_reward"), False),
     ("kl", "KL to the reference", "KL (nats)", ("kl",), False),
     ("length", "response length", "tokens", ("length", "response_length"), False),
 ]

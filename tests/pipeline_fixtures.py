@@ -4,7 +4,7 @@
     cfg = shrunk_pipeline(d, pretrain_steps=60, slurm=True)
 
 Every recipe stage gets the same tiny model shape (each post-training stage starts `--init_from`
-the one before it, so the shapes must agree) and a few steps; evaluations use a few rows; the
+the one before it, so the shapes must agree) and a few steps; the demo task and its pairs are small; evaluations use a few rows; the
 commands themselves, their order and what each stage reads are the real pipeline's.
 """
 from __future__ import annotations
@@ -33,13 +33,27 @@ def shrunk_pipeline(out: Path, pretrain_steps: int = 12, slurm: bool = False) ->
     cfg = yaml.safe_load(PIPELINE.read_text())
     cfg["dir"] = str(out)
     for stage in cfg["stages"]:
-        if stage.get("recipe") == "pretrain":
-            stage["args"] += [*SHAPE, "--model.model_config.block_size", 64, "--data.block_size", 64,
-                              "--data.micro_batch_size", 4, "--data.val_windows", 4,
-                              "--trainer.max_steps", pretrain_steps, "--trainer.log_every_n_steps", 1,
-                              "--print_every", 1, "--val_every", 6, "--checkpoint_every", 4,
+        recipe = stage.get("recipe")
+        if recipe:  # one small shape for every stage (each starts from the one before); block_size stays 256
+            stage["args"] += [*SHAPE, "--trainer.log_every_n_steps", 1, "--print_every", 1,
                               "--trainer.callbacks", KEEP_CALLBACKS]
+        if recipe == "pretrain":
+            stage["args"] += ["--data.micro_batch_size", 4, "--data.val_windows", 4,
+                              "--trainer.max_steps", pretrain_steps, "--val_every", 6, "--checkpoint_every", 4]
             if slurm:  # the two nodes of the test cluster, one process each
+                stage["sbatch"] = ["--nodes=2", "--ntasks-per-node=1"]
+                stage["args"] += ["--trainer.strategy", "ddp"]
+        elif recipe == "sft":
+            stage["args"] += ["--trainer.max_steps", 6, "--val_every", 3, "--checkpoint_every", 3,
+                              "--data.micro_batch_size", 4, "--data.val_examples", 8]
+        elif recipe in ("reward", "dpo"):
+            stage["args"] += ["--trainer.max_steps", 4, "--val_every", 2, "--checkpoint_every", 2,
+                              "--data.micro_batch_size", 2, "--data.val_pairs", 8]
+        elif recipe == "rl":
+            stage["args"] += ["--trainer.max_steps", 3, "--val_every", 3, "--checkpoint_every", 3,
+                              "--model.group_size", 2, "--model.max_new_tokens", 8, "--model.table_rows", 0,
+                              "--data.micro_batch_size", 2, "--data.val_examples", 8]
+            if slurm:  # RL across the two nodes too: rollouts per rank, one optimizer step over both
                 stage["sbatch"] = ["--nodes=2", "--ntasks-per-node=1"]
                 stage["args"] += ["--trainer.strategy", "ddp"]
         for cmd in stage.get("run", []):
@@ -48,8 +62,13 @@ def shrunk_pipeline(out: Path, pretrain_steps: int = 12, slurm: bool = False) ->
                 _set(cmd, "--max_new_tokens", 8)
             if "eval" in cmd and "gpt" in cmd:
                 _set(cmd, "--windows", 4)
-            if "sample" in cmd:
-                _set(cmd, "--max_new_tokens", 16)
+            if "sample" in cmd or "chat" in cmd:
+                _set(cmd, "--max_new_tokens", 16 if "sample" in cmd else 8)
+            if "data_prep.make_demo_task" in cmd:
+                _set(cmd, "--train", 400)
+                _set(cmd, "--val", 60)
+            if "data_prep.make_demo_pairs" in cmd:
+                cmd += ["--train_prompts", 24, "--val_prompts", 8, "--samples", 2, "--max_new_tokens", 8]
     return cfg
 
 

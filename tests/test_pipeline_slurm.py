@@ -104,7 +104,8 @@ def _dep(job: dict) -> str | None:
 def test_slurm_pipeline_submits_the_stages_as_a_dependency_chain(tmp_path):
     r, jobs = submit_chain(tmp_path)
     d = tmp_path / "demo"
-    tok, array, merge, shards_after, pretrain, pretrain_after, sample, report = jobs
+    tok, array, merge, shards_after, pretrain, pretrain_after, sample = jobs[:7]
+    report = jobs[-1]
     assert all("--partition=debug" in j["args"] for j in jobs)  # the options before `--`, on every job
     # tokenizer: a runner job for the one stage, first, waiting for nothing
     assert _dep(tok) is None and "--job-name=gpt-tokenizer" in tok["args"]
@@ -127,13 +128,38 @@ def test_slurm_pipeline_submits_the_stages_as_a_dependency_chain(tmp_path):
     assert _dep(pretrain_after) == f"afterok:{pretrain['id']}"
     assert _runner_args(pretrain_after)[-3:] == ["--only", "pretrain", "--after_main"]
     assert _dep(sample) == f"afterok:{pretrain_after['id']}" and _runner_args(sample)[-2:] == ["--only", "sample"]
+    # the assistant half: each post-training job waits for the stages it reads, by path
+    names = {}  # job name -> record, from the --job-name of each submission
+    for j in jobs:
+        name = next((a.split("=", 1)[1] for a in j["args"] if a.startswith("--job-name=")), None)
+        names[name] = j
+    task = names["gpt-task"]
+    assert _dep(task) is None  # the demo task reads nothing earlier
+
+    def after(name: str) -> set[str]:
+        kind, _, ids = _dep(names[f"gpt-{name}"]).partition(":")
+        assert kind == "afterok"
+        return set(ids.split(":"))
+
+    ids = {n: names[f"gpt-{n}"]["id"] for n in ("tokenizer", "pretrain_after", "sft_data_after", "sft_after", "pairs")}
+    assert after("sft") == {ids["pretrain_after"], ids["tokenizer"], ids["sft_data_after"]}
+    assert after("pairs") == {ids["sft_after"], task["id"], ids["tokenizer"]}
+    for stage in ("reward", "dpo"):
+        assert after(stage) == {ids["sft_after"], ids["pairs"], ids["tokenizer"]}
+        train = names[f"gpt-{stage}"]["args"]
+        assert train[train.index(str(ROOT / "slurm" / "train.sbatch")) + 1:][:2] == \
+            [stage, f"recipes/configs/{stage}-tiny-cpu.yaml"]
+    assert after("rl") == {ids["sft_after"], task["id"], ids["tokenizer"]}
+    assert after("chat") == {names["gpt-rl_after"]["id"]}
     # the report: after every job whatever happened, told which jobs are which stage
     every = [j["id"] for j in jobs[:-1]]
     assert _dep(report) == "afterany:" + ":".join(every)
-    assert _runner_args(report) == ["--config", config, "--dir", str(d), "--report",
-                                    f"tokenizer={tok['id']},shards={array['id']}:{merge['id']},"
-                                    f"shards_after={shards_after['id']},pretrain={pretrain['id']},"
-                                    f"pretrain_after={pretrain_after['id']},sample={sample['id']}"]
+    told = _runner_args(report)
+    assert told[:5] == ["--config", config, "--dir", str(d), "--report"]
+    assert told[5].startswith(f"tokenizer={tok['id']},shards={array['id']}:{merge['id']},"
+                              f"shards_after={shards_after['id']},pretrain={pretrain['id']},"
+                              f"pretrain_after={pretrain_after['id']},sample={sample['id']},task={task['id']},")
+    assert told[5].endswith(f"chat={names['gpt-chat']['id']}")
     printed = r.stdout.splitlines()
     assert printed[0].split()[:3] == ["tokenizer", "job", tok["id"]] and printed[0].endswith(
         f"log runs/slurm/gpt-tokenizer-{tok['id']}.out")
@@ -141,6 +167,8 @@ def test_slurm_pipeline_submits_the_stages_as_a_dependency_chain(tmp_path):
 
 
 def test_slurm_pipeline_submits_no_job_for_a_finished_stage(tmp_path):
+    (tmp_path / "fresh").mkdir()
+    _, everything = submit_chain(tmp_path / "fresh")
     d = tmp_path / "demo"
     cfg = parser().parse_args(["--config", str(ROOT / "recipes" / "configs" / "pipeline-tiny-cpu.yaml"),
                                "--dir", str(d)])
@@ -154,7 +182,7 @@ def test_slurm_pipeline_submits_no_job_for_a_finished_stage(tmp_path):
     assert _runner_args(jobs[-1])[-1].startswith("shards=")
     # --force tokenizer: it and everything after it again
     _, jobs = submit_chain(tmp_path, "--force", "tokenizer")
-    assert _runner_args(jobs[0])[-2:] == ["--only", "tokenizer"] and len(jobs) == 8
+    assert _runner_args(jobs[0])[-2:] == ["--only", "tokenizer"] and len(jobs) == len(everything)
 
 
 def test_slurm_report_names_the_failed_stage_its_job_and_log(tmp_path, monkeypatch, capsys):
@@ -198,7 +226,9 @@ def test_the_pipeline_as_one_slurm_submission(slurm_jobs: SlurmJobs, tmp_path: P
     d = tmp_path / "demo"
     config = write_pipeline(shrunk_pipeline(d, slurm=True), tmp_path / "pipeline.yaml")
     jobs = _submit(slurm_jobs, config)
-    assert list(jobs) == ["tokenizer", "shards", "shards_after", "pretrain", "pretrain_after", "sample", "report"]
+    assert list(jobs) == ["tokenizer", "shards", "shards_after", "pretrain", "pretrain_after", "sample", "task",
+                          "sft_data", "sft_data_after", "sft", "sft_after", "pairs", "reward", "reward_after",
+                          "dpo", "dpo_after", "rl", "rl_after", "chat", "report"]
     record = slurm_jobs.wait(jobs["report"], timeout=1500)[jobs["report"]]
     logs = slurm_jobs.workdir / "runs" / "slurm"
     assert_completed(record, logs / f"gpt-pipeline-report-{jobs['report']}.out")
@@ -208,6 +238,12 @@ def test_the_pipeline_as_one_slurm_submission(slurm_jobs: SlurmJobs, tmp_path: P
     assert all(row["status"] == "done" and row["wall_s"] > 0 for row in rows.values()), rows
     assert 0 < rows["pretrain"]["metrics"]["val loss"] < 8.4 and Path(rows["pretrain"]["checkpoint"]).is_file()
     assert "ROMEO:" in rows["sample"]["transcript"]
+    # The assistant half ran from the pretrained checkpoint: SFT, pairs, reward model, DPO, RL, a chat.
+    for stage in ("sft", "dpo", "rl"):
+        assert 0 <= rows[stage]["metrics"]["exact-match"] <= 1 and Path(rows[stage]["checkpoint"]).is_file()
+    assert 0 <= rows["reward"]["metrics"]["pair accuracy"] <= 1
+    assert (Path(rows["rl"]["hf"]) / "config.json").is_file()
+    assert "What was the word?" in rows["chat"]["transcript"]
     # Submitted again: every stage is done with unchanged inputs, nothing to submit.
     out = slurm_jobs.run(ROOT / "slurm" / "pipeline.sh", "--", config, timeout=180)
     assert out.startswith("nothing to submit")
@@ -224,12 +260,16 @@ def test_a_failed_slurm_stage_stops_the_chain_with_its_log_named(slurm_jobs: Slu
     jobs = _submit(slurm_jobs, config)
     records = slurm_jobs.wait(*jobs.values(), timeout=900)
     assert records[jobs["pretrain"]]["JobState"] == "FAILED"
-    assert all(records[jobs[n]]["JobState"] == "CANCELLED" for n in ("pretrain_after", "sample"))
+    downstream = ("pretrain_after", "sample", "sft", "sft_after", "pairs", "reward", "reward_after", "dpo",
+                  "dpo_after", "rl", "rl_after", "chat")
+    assert all(records[jobs[n]]["JobState"] == "CANCELLED" for n in downstream)
+    assert all(records[jobs[n]]["JobState"] == "COMPLETED" for n in ("task", "sft_data_after"))  # they read no pretrain
     report_log = slurm_jobs.workdir / "runs" / "slurm" / f"gpt-pipeline-report-{jobs['report']}.out"
     assert records[jobs["report"]]["ExitCode"] == "1:0"
     pretrain_log = slurm_jobs.workdir / "runs" / "slurm" / f"gpt-pretrain-{jobs['pretrain']}.out"
     line = f"error: stage pretrain failed: job {jobs['pretrain']} FAILED (exit [0-9]+:0); its log: {pretrain_log}; "
     assert re.search(re.escape(line).replace(re.escape("[0-9]+"), "[0-9]+")
-                     + "cancelled after it: pretrain_after, sample", report_log.read_text())
+                     + "cancelled after it: " + ", ".join(downstream), report_log.read_text())
     rows = {row["stage"]: row["status"] for row in json.loads((d / "summary.json").read_text())["stages"]}
-    assert rows == {"tokenizer": "done", "shards": "done", "pretrain": "failed", "sample": "cancelled"}
+    assert rows == {"tokenizer": "done", "shards": "done", "pretrain": "failed", "sample": "cancelled", "task": "done",
+                    "sft_data": "done", **{n: "cancelled" for n in ("sft", "pairs", "reward", "dpo", "rl", "chat")}}

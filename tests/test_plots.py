@@ -53,6 +53,9 @@ def test_panels_group_by_name_without_the_split():
     assert panel_of("train/logps/rejected")[0] == "logps"
     assert panel_of("train/reward")[0] == "reward" and panel_of("train/kl")[0] == "kl"
     assert panel_of("val/accuracy")[0] == "accuracy" and panel_of("train/device/items_per_sec")[0] == "throughput"
+    assert panel_of("train/nll_loss")[0] == panel_of("val/nll_loss")[0] == "nll"  # not the loss panel
+    assert panel_of("train/margin")[0] == panel_of("val/margin")[0] == "margin"
+    assert panel_of("val/verifier_reward")[0] == panel_of("train/reward")[0] == "reward"
     assert panel_of("custom/thing")[0] == "custom_thing"  # unclaimed: a figure of its own
     assert list(group_panels(["val/bpb", "train/loss", "val/loss", "zzz"])) == ["loss", "bpb", "zzz"]
 
