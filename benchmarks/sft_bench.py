@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -38,7 +37,8 @@ from typing import Any, Optional
 import yaml
 from lightning.pytorch.callbacks import Callback
 
-from benchmarks.common import environment, markdown_table, write_section
+from benchmarks.common import bench_env, environment, export_for_hf, markdown_table, write_section
+from benchmarks.common import exact_match_of as common_exact_match
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "recipes" / "configs" / "sft-tiny-cpu.yaml"
@@ -47,10 +47,7 @@ LOG_EVERY = 10  # TRL logs the mean training loss of every 10 steps; ours is ave
 
 
 def _env(threads: int = 2) -> dict[str, str]:
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "PYTHONWARNINGS": "ignore",
-           "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT),
-           "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
-    return {k: v for k, v in env.items() if not k.startswith("SLURM_")}
+    return bench_env(threads)
 
 
 def throughput(ends: list[float], cpu: list[float], total: list[int], supervised: list[int],
@@ -184,19 +181,7 @@ def run_trl(hf_dir: Path, steps: int, work: Path) -> dict[str, Any]:
 
 # ---- quality -------------------------------------------------------------------------------------
 def exact_match_of(checkpoint: str, n: int) -> dict[str, Any]:
-    import torch
-
-    from gpt.chat_eval import load_eval_rows
-    from gpt.checkpoint import load_model
-    from gpt.evaluate import exact_match
-
-    model, tok = load_model(checkpoint)
-    if tok is None:  # TRL's save: tokenizer.json beside the weights
-        from gpt.checkpoint import load_tokenizer
-        tok = load_tokenizer(Path(checkpoint) / "tokenizer.json")
-    rows = load_eval_rows(str(ROOT / "runs" / "demo" / "task" / "val.jsonl"), n)
-    with torch.no_grad():
-        return exact_match(model, tok, rows, max_new_tokens=24, batch_size=100)
+    return common_exact_match(checkpoint, ROOT / "runs" / "demo" / "task" / "val.jsonl", n)
 
 
 def loss_at(losses: list[list[float]], step: int) -> str:
@@ -246,13 +231,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     for need in ("runs/demo/task/train.jsonl", "runs/demo/task/val.jsonl", "runs/demo/sft_data/manifest.json", a.init):
         if not (ROOT / need).exists():
             sys.exit(f"error: {need} not found: run `make demo` first (it writes the demo task and its SFT data)")
-    from gpt.checkpoint import load_model
-    from gpt.hf import export_hf
-
     with tempfile.TemporaryDirectory(prefix="sft_bench_") as tmp:
         work = Path(tmp)
-        model, tok = load_model(ROOT / a.init)
-        export_hf(model, work / "hf", tokenizer=tok)  # what `gpt export --format hf` writes
+        export_for_hf(ROOT / a.init, work / "hf")  # what `gpt export --format hf` writes
         results = {}
         for name, fn in (("gpt-pipeline (recipes/sft.py)", lambda: run_ours(str(ROOT / a.init), a.steps, work)),
                          ("TRL SFTTrainer", lambda: run_trl(work / "hf", a.steps, work))):
