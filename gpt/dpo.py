@@ -42,7 +42,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from gpt.lora import LoRAMixin
-from gpt.objectives import IGNORE_INDEX, dpo_loss, sequence_logprobs
+from gpt.objectives import IGNORE_INDEX, dpo_loss, selected_sequence_logprobs
 from gpt.pair_data import PairRows
 from gpt.pair_module import PairModule
 
@@ -116,8 +116,9 @@ class DPOModule(LoRAMixin, PairModule):
     # ---- log-probs ----------------------------------------------------------------------
     def reply_logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """(2B,) summed (sigmoid) or mean (ipo) reply log-probs of the batch's rows under self.model."""
-        logits = self.model(batch["input_ids"], position_ids=batch.get("position_ids"), attn_mask=batch.get("attn_mask"))
-        logp = sequence_logprobs(logits, batch["labels"])
+        # The LM head runs at the reply positions only (a demo reply is ~7% of a pair's tokens).
+        labels = batch["labels"]
+        logp = selected_sequence_logprobs(self.batch_logits(batch, select=labels != IGNORE_INDEX), labels)
         if self.hparams.loss_type == "ipo":
             logp = logp / (batch["labels"] != IGNORE_INDEX).sum(-1).clamp(min=1)
         return logp

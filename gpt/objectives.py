@@ -51,6 +51,17 @@ def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor, ignore_index: 
     return token_logprobs(logits, labels, ignore_index).sum(-1)
 
 
+def selected_sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor,
+                               ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """sequence_logprobs from logits computed at the reply positions only: `logits` (N, V) is
+    GPT(..., select=labels != ignore_index)'s output (row-major), so the LM head and the
+    log-softmax skip the prompt and padding. Shape (B,), fp32."""
+    mask = labels != ignore_index
+    picked = torch.log_softmax(logits.float(), dim=-1).gather(-1, labels[mask].unsqueeze(-1)).squeeze(-1)
+    rows = mask.nonzero(as_tuple=True)[0]
+    return torch.zeros(labels.size(0), dtype=picked.dtype, device=picked.device).index_add(0, rows, picked)
+
+
 def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor,
                        margin: torch.Tensor | float | None = None) -> torch.Tensor:
     """Reward-model loss per pair: -log sigmoid(r_chosen - r_rejected - margin), shape (P,).

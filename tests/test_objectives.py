@@ -71,3 +71,21 @@ def test_sequence_logprobs_by_hand():
     labels = torch.tensor([[IGNORE_INDEX, 1, 1], [0, IGNORE_INDEX, IGNORE_INDEX]])
     got = sequence_logprobs(logits, labels)
     assert got.tolist() == pytest.approx([2 * math.log(0.75), math.log(0.25)], abs=1e-6)
+
+
+def test_selected_sequence_logprobs_equal_the_full_ones():
+    """The reply-positions-only path (GPT(..., select=mask)) gives sequence_logprobs' numbers."""
+    from gpt.config import GPTConfig
+    from gpt.model import GPT
+    from gpt.objectives import IGNORE_INDEX, selected_sequence_logprobs, sequence_logprobs
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=50)).eval()
+    ids = torch.randint(0, 50, (3, 12))
+    labels = torch.full((3, 12), IGNORE_INDEX)
+    labels[0, 4:7], labels[1, 9:11], labels[2, 2:3] = ids[0, 5:8], ids[1, 10:12], ids[2, 3:4]
+    with torch.no_grad():
+        full = sequence_logprobs(model(ids), labels)
+        sel = selected_sequence_logprobs(model(ids, select=labels != IGNORE_INDEX), labels)
+    torch.testing.assert_close(sel, full, atol=1e-5, rtol=1e-5)
+    assert (full < 0).all()
