@@ -10,7 +10,8 @@ recipes/configs/sft-tiny-cpu.yaml: the same steps, 8 packed rows of up to 257 to
 (TRL: packing=True, best-fit decreasing, max_length 257; ours: data.packing, block_size 256),
 loss on the assistant tokens only (TRL: assistant_only_loss from the template's generation
 markers), AdamW (0.9, 0.95) without weight decay, lr 1e-3 with 20 warmup steps and a cosine to
-0.1 x lr, gradient clipping 1.0, fp32, 2 torch threads, one process each. Each side runs in
+0.1 x lr, gradient clipping 1.0, fp32, no activation checkpointing (TRL's configs default it on),
+2 torch threads, one process each. Each side runs in
 its own subprocess.
 
 Timing is wall clock from the end of step `warmup` to the end of the last step (data loading,
@@ -140,7 +141,8 @@ def trl_main(hf_dir: str, train: str, out: str, steps: int, clock: str) -> None:
                      adam_epsilon=1e-8, max_grad_norm=t["gradient_clip_val"], max_length=d["block_size"] + 1,
                      packing=True, assistant_only_loss=True, use_cpu=True, report_to=[], save_strategy="no",
                      logging_steps=LOG_EVERY, seed=cfg["seed_everything"], data_seed=d["seed"], dataloader_num_workers=0,
-                     bf16=False, fp16=False, disable_tqdm=True)
+                     bf16=False, fp16=False, disable_tqdm=True,
+                     gradient_checkpointing=False)  # TRL's default is on; ours does not recompute activations
     trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tok)
     totals: list[int] = []
     supervised: list[int] = []
