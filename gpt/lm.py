@@ -27,6 +27,7 @@ from typing import Any, Literal, Optional
 
 import lightning as L
 import torch
+from lightning.pytorch.plugins.precision import MixedPrecision
 
 from gpt.config import PRESETS, GPTConfig
 from gpt.flops import flops_per_token
@@ -169,11 +170,25 @@ class CausalLMModule(L.LightningModule):
         hp = self.hparams
         # Every parameter of the module: a stage may add heads beside self.model (gpt/reward.py).
         opt = build_optimizer(self, lr=hp.lr, weight_decay=hp.weight_decay, betas=hp.betas, eps=hp.eps,
-                              cpu_offload=getattr(self.trainer.strategy, "offloads_optimizer", False))
+                              cpu_offload=getattr(self.trainer.strategy, "offloads_optimizer", False),
+                              fused=getattr(self.trainer.precision_plugin, "scaler", None) is None)
         schedule = LRSchedule(hp.schedule, hp.warmup_steps, max(1, self.trainer.max_steps), hp.min_lr_ratio,
                               hp.decay_fraction)
         # StepScheduler: on resume only the step comes from the checkpoint; lr and schedule from the config.
         return {"optimizer": opt, "lr_scheduler": {"scheduler": StepScheduler(opt, schedule), "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: Any = None,
+                                    gradient_clip_algorithm: Optional[str] = None) -> None:
+        # Lightning's autocast plugin refuses to clip for a fused optimizer, fearing a GradScaler's
+        # scaled gradients; under bf16 autocast there is no scaler (the gradients are the real ones),
+        # so clip them here exactly as Lightning's fp32 path does. Otherwise Lightning's own clipping.
+        plugin = self.trainer.precision_plugin
+        if (gradient_clip_val and type(plugin) is MixedPrecision and plugin.scaler is None
+                and gradient_clip_algorithm in (None, "norm")):
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     # ---- validation ---------------------------------------------------------------------
     def on_validation_epoch_start(self) -> None:

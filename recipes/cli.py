@@ -36,10 +36,11 @@ import re
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional, Union
 
 import torch
 import yaml
+from lightning.fabric.connector import _PRECISION_INPUT
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -47,6 +48,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from gpt.callbacks import RunCheckpoint, RunMonitor, RunProgressBar, stdout_is_terminal
 from gpt.checkpoint import CheckpointError
+from gpt.precision import resolve_precision
 from gpt.resume import find_resume_checkpoint
 from gpt.run import (RunCSVLogger, RunDir, RunError, RunRecord, RunWandbLogger, atomic_write_text,
                      checkpoint_identity, checkpoint_meta, compare_identity, git_commit, model_identity,
@@ -60,6 +62,8 @@ SET_BY_RUN = {"logger": "--wandb/--project/--group (the run makes its loggers)",
               "enable_checkpointing": "--checkpoint_every"}
 TRAINER_DEFAULTS = {"use_distributed_sampler": False,  # our samplers deal samples to ranks themselves
                     "num_sanity_val_steps": 0, "enable_model_summary": False}
+# trainer.precision: Lightning's values, or "auto" (gpt.precision: chosen from the machine at start-up).
+Precision = Optional[Union[Literal["auto"], _PRECISION_INPUT]]
 # Errors a user can fix, raised while the run is being set up: printed as one line.
 USER_ERRORS = (RunError, CheckpointError, ShardError, FileNotFoundError, ValueError, MisconfigurationException)
 
@@ -171,7 +175,11 @@ class GPTCLI(LightningCLI):
 
     def add_core_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_class_arguments(self.trainer_class, "trainer", fail_untyped=False, instantiate=False,
-                                   sub_configs=True, skip=set(SET_BY_RUN))
+                                   sub_configs=True, skip=set(SET_BY_RUN) | {"precision"})
+        parser.add_argument("--trainer.precision", type=Precision, default=None,
+                            help="Lightning's precision (32-true, bf16-mixed, 16-mixed, ...; default 32-true) or auto: "
+                                 "bf16-mixed on a GPU or CPU with native bf16, else 16-mixed (GPU) or 32-true (CPU); "
+                                 "resolved and printed at start-up, recorded resolved")
         parser.set_defaults({f"trainer.{k}": v for k, v in self.trainer_defaults.items()})
         parser.add_lightning_class_args(self.model_class, "model")
         parser.add_lightning_class_args(self.datamodule_class, "data")
@@ -197,6 +205,11 @@ class GPTCLI(LightningCLI):
             cfg.weights_only = True  # our checkpoints hold plain data only: never unpickle code
         t = cfg.trainer
         check_slurm_tasks(t.devices, t.num_nodes, t.accelerator)
+        # Resolved here, before the Trainer exists, so that the Trainer, config.yaml, the CSV
+        # hparams and W&B all see the real precision, never "auto".
+        t.precision, why = resolve_precision(t.precision, t.accelerator)
+        if why.startswith("auto") and _rank_zero():
+            print(f"precision: {t.precision} ({why})", flush=True)
         for key, low in (("checkpoint_every", 0), ("keep_checkpoints", -1), ("val_every", 0), ("print_every", 1)):
             if cfg[key] is not None and cfg[key] < low:
                 _fail(RunError(f"--{key} {cfg[key]}: must be >= {low}"))

@@ -33,6 +33,24 @@ def test_no_weight_decay_on_norms_biases_embeddings(preset):
     assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
 
 
+
+def test_adamw_is_fused_on_cpu_unless_asked_not_and_steps_like_the_loop():
+    """Fused on CPU (one kernel per parameter, not ~11 ops); fused=False (a GradScaler) gives the for-loop."""
+    torch.manual_seed(0)
+    models = [GPT(GPTConfig.from_preset("tiny", n_layer=1, n_embd=32, n_head=2, vocab_size=64, block_size=16))
+              for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    opts = [build_optimizer(models[0], lr=1e-2), build_optimizer(models[1], lr=1e-2, fused=False)]
+    assert opts[0].defaults["fused"] is True and not opts[1].defaults["fused"]
+    x = torch.randint(0, 64, (2, 16))
+    for _ in range(3):
+        for m, o in zip(models, opts):
+            F.cross_entropy(m(x).flatten(0, 1), x.flatten()).backward()
+            o.step()
+            o.zero_grad()
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)  # the same AdamW (steps of ~1e-2), another kernel
+
 def test_cosine_schedule():
     s = LRSchedule("cosine", warmup_steps=10, total_steps=110, min_lr_ratio=0.1)
     assert s(0) == pytest.approx(0.1) and s(9) == pytest.approx(1.0)
