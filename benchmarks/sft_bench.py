@@ -6,7 +6,8 @@
 Both sides start from the same weights: the pretrained checkpoint, and its Hugging Face export
 (`gpt export --format hf`, which carries our chat template with {% generation %} markers). Both
 train on runs/demo/task/train.jsonl (TRL's `messages` format) with the settings of
-recipes/configs/sft-tiny-cpu.yaml: the same steps, 8 packed rows of up to 257 tokens per step
+recipes/configs/sft-tiny-cpu.yaml in fp32 (its `precision: auto` is bf16 on a CPU with native bf16):
+the same steps, 8 packed rows of up to 257 tokens per step
 (TRL: packing=True, best-fit decreasing, max_length 257; ours: data.packing, block_size 256),
 loss on the assistant tokens only (TRL: assistant_only_loss from the template's generation
 markers), AdamW (0.9, 0.95) without weight decay, lr 1e-3 with 20 warmup steps and a cosine to
@@ -108,6 +109,7 @@ def run_ours(init: str, steps: int, work: Path) -> dict[str, Any]:
         cfg["data"][key] = str(ROOT / cfg["data"][key])
     cfg.update(run_dir=str(work / "ours"), wandb=False, init_from=init, val_every=0, checkpoint_every=0)
     cfg["trainer"]["max_steps"] = steps
+    cfg["trainer"]["precision"] = "32-true"  # like for like: TRL runs fp32 (the demo config says auto)
     path = work / "ours.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     subprocess.run([sys.executable, "-m", "recipes.sft", "--config", str(path)], cwd=ROOT, env=_env(), check=True,
@@ -219,7 +221,7 @@ def report(results: dict[str, dict[str, Any]], base: dict[str, Any], a: argparse
 def main(argv: Optional[list[str]] = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--init", default="runs/demo/pretrain/checkpoints/last.ckpt", help="the pretrained checkpoint")
-    ap.add_argument("--steps", type=int, default=600, help="optimizer steps for both (sft-tiny-cpu.yaml: 600)")
+    ap.add_argument("--steps", type=int, default=600, help="optimizer steps for both (the demo's SFT ran 600 until 2026-11-29, now 1200)")
     ap.add_argument("--warmup", type=int, default=10, help="steps left out of the timing")
     ap.add_argument("--eval_rows", type=int, default=300)
     ap.add_argument("--no-write", dest="write", action="store_false", help="print the table only")
