@@ -17,7 +17,7 @@ activation checkpointing (TRL's configs default to gradient_checkpointing=True; 
 here, as ours is off), 2 torch threads, one process per side, each in its own subprocess.
 
 Reward model. Ours: recipes/reward.py (gpt.reward.RewardModule: the backbone + a scalar head
-N(0, 0.02) read at the reply's last token, Bradley-Terry loss), lr 1e-3. TRL: RewardTrainer on
+N(0, 0.02) read at the reply's last token, Bradley-Terry loss), the config's lr. TRL: RewardTrainer on
 AutoModelForSequenceClassification(num_labels=1) of the export, which transformers builds as
 GPT2ForSequenceClassification: the same GPT-2 body + `score` = Linear(n_embd, 1, bias=False),
 N(0, initializer_range = 0.02), read at the last non-pad token, which for a rendered
@@ -26,7 +26,7 @@ pair accuracy on the 100 val pairs, each side's trained model scoring chosen and
 (ours through gpt.reward.RewardModel.score_texts, TRL's by its model on the template's tokens).
 
 DPO. Ours: recipes/dpo.py (gpt.dpo.DPOModule: the reference's log-probs computed once before
-the first step, one forward per step), beta 0.1, sigmoid loss, lr 1e-4. TRL: DPOTrainer with
+the first step, one forward per step), beta 0.1, sigmoid loss, the config's lr. TRL: DPOTrainer with
 precompute_ref_log_probs True (also once, before training) and False (a frozen copy of the
 model does a second forward every step). Quality: held-out exact-match of the trained model on
 the first 300 rows of the task's val.jsonl through OUR evaluator (gpt.evaluate: greedy, KV
@@ -276,6 +276,10 @@ def ratios(ours: dict[str, float], other: dict[str, float]) -> str:
             f"{ours['pairs_per_cpu_sec'] / other['pairs_per_cpu_sec']:.2f}x pairs per CPU second")
 
 
+def _lr(kind: str) -> str:
+    return f"{yaml.safe_load(CONFIGS[kind].read_text())['model']['lr']:g}"
+
+
 def report(rm: Optional[dict], dpo: Optional[dict], sft_em: Optional[dict], a: argparse.Namespace, load: str) -> str:
     text = ("## Preference: recipes/reward.py and recipes/dpo.py vs TRL RewardTrainer and DPOTrainer\n\n"
             + environment() + "\n"
@@ -288,7 +292,7 @@ def report(rm: Optional[dict], dpo: Optional[dict], sft_em: Optional[dict], a: a
     if rm:
         rows = [[name, a.rm_steps, *speed_cells(r["speed"]), f"{100 * r['accuracy']:.1f}%"] for name, r in rm.items()]
         ours, trl = (r["speed"] for r in rm.values())
-        text += ("Reward model (lr 1e-3); accuracy = held-out pairs (100 val pairs) whose chosen reply the trained "
+        text += (f"Reward model (lr {_lr('rm')}); accuracy = held-out pairs (100 val pairs) whose chosen reply the trained "
                  "model scores above the rejected one:\n\n" + markdown_table(head + ["held-out pair accuracy"], rows)
                  + f"\nOurs / TRL: {ratios(ours, trl)}.\n\n")
     if dpo:
@@ -298,7 +302,7 @@ def report(rm: Optional[dict], dpo: Optional[dict], sft_em: Optional[dict], a: a
         if sft_em:
             rows.append(["SFT model (before DPO)", 0, "", "", "", "", "", "", f"{100 * sft_em['exact_match']:.1f}%"])
         ours, pre, nopre = (r["speed"] for r in dpo.values())
-        text += (f"DPO (beta 0.1, sigmoid, lr 1e-4); exact-match = the first {a.eval_rows} held-out task rows through "
+        text += (f"DPO (beta 0.1, sigmoid, lr {_lr('dpo')}); exact-match = the first {a.eval_rows} held-out task rows through "
                  "gpt.evaluate (greedy, 24 new tokens) for every model; \"reference s\" = the one-off pass over the "
                  "pairs before the first step (ours also scores the 100 val pairs in it):\n\n"
                  + markdown_table(head + ["reference s", "pairs/s incl. reference", "held-out exact-match"], rows)

@@ -16,7 +16,7 @@ one optimizer step per rollout (TRL: per_device_train_batch_size 128, num_genera
 gradient_accumulation_steps 1, num_iterations 1), advantages normalized by the group's std
 (TRL: scale_rewards "group"), the clipped surrogate (epsilon 0.2) with token-level
 normalization over the batch (TRL: loss_type "dapo"), kl_coef 0.04 = TRL's beta (k3 to the
-frozen SFT reference), AdamW (0.9, 0.95) lr 1e-4 constant, no weight decay, clipping 1.0,
+frozen SFT reference), AdamW (0.9, 0.95) at the config's lr, constant, no weight decay, clipping 1.0,
 fp32, no activation checkpointing (TRL's default gradient_checkpointing=True is turned off, as
 ours is off), 2 torch threads, one process per side, each in its own subprocess. Sampling
 differs by design: ours through gpt.generate's KV-cache sampler, TRL through
