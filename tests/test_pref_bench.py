@@ -45,6 +45,7 @@ def test_speed_counts_pairs_and_the_reference_pass():
 
 @pytest.mark.parametrize("kind", ["rm", "dpo"])
 def test_trl_runs_with_our_yaml_settings(kind, tmp_path):
+    pytest.importorskip("trl", reason="TRL is the benchmark extra: pip install -e '.[bench]'")
     from benchmarks.pref_bench import trl_args
 
     args, cfg = trl_args(kind, str(tmp_path), steps=7)

@@ -8,6 +8,7 @@ The benchmark itself (ours vs TRL's GRPOTrainer, minutes) runs by hand: python -
 import argparse
 import types
 
+import pytest
 import yaml
 
 from benchmarks.rl_bench import CONFIG, RolloutClock, report, speed, trl_reward
@@ -36,6 +37,7 @@ def test_rollout_clock_reads_each_steps_logs_after_lightning_publishes_them(tmp_
 
 
 def test_trl_runs_with_our_yaml_settings(tmp_path):
+    pytest.importorskip("trl", reason="TRL is the benchmark extra: pip install -e '.[bench]'")
     from benchmarks.rl_bench import grpo_args
 
     args, _ = grpo_args(str(tmp_path), steps=5)
