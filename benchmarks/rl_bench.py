@@ -193,11 +193,12 @@ def report(results: dict[str, dict[str, Any]], sft_em: dict[str, Any], a: argpar
              f"{100 * r['em']['exact_match']:.1f}%"] for name, r in results.items()]
     rows.append(["SFT model (before RL)", 0, "", "", "", "", "", f"{100 * sft_em['exact_match']:.1f}%"])
     ours, trl = (r["speed"] for r in results.values())
+    m = yaml.safe_load(CONFIG.read_text())["model"]
     return ("## RL (GRPO): recipes/rl.py vs TRL GRPOTrainer\n\n" + environment() + "\n"
             f"`python -m benchmarks.rl_bench --sft {a.sft} --tokenizer {a.tokenizer} --task {a.task} --steps {a.steps}` "
             "on the demo's SFT model and task prompts (see its "
             "docstring for the settings): 16 prompts x 8 responses of at most 16 tokens per step, reward = "
-            f"gpt.demo_task.reward (exact match), kl 0.04, lr 1e-4. Timed: steps {a.warmup + 1}-{a.steps}, wall clock "
+            f"gpt.demo_task.reward (exact match), kl {m['kl_coef']:g}, lr {m['lr']:g}. Timed: steps {a.warmup + 1}-{a.steps}, wall clock "
             "and the process's CPU time (all its threads; the wall clock also counts other jobs on the shared "
             f"machine: {load} at the start). Tokens = generated response tokens incl. end-of-turn. Reward: step 1's "
             "mean -> the mean of the last 5 steps. Exact-match: the first "
