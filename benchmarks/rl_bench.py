@@ -6,7 +6,7 @@
 
 Both sides start from the same weights: the SFT checkpoint, and its Hugging Face export
 (`gpt export --format hf`, a GPT2LMHeadModel directory with our chat template, whose
-generation_config stops at <|end|>). Both read the prompts of the task's train.jsonl (ours:
+generation_config stops at <|end|>). Both read the prompts of the task's post.jsonl (ours:
 gpt.prompt_data from the `messages` rows; TRL: the same rows as a `prompt` column of message
 lists, the final assistant turn dropped) and reward a reply with the same function,
 gpt.demo_task.reward (1.0 for an exact match, else 0.0; TRL calls it through a wrapper with
@@ -95,7 +95,7 @@ def run_ours(a: argparse.Namespace, work: Path) -> dict[str, Any]:
     cfg["trainer"]["callbacks"].append({"class_path": "benchmarks.rl_bench.RolloutClock",
                                         "init_args": {"out": str(clock), "responses": responses_per_step(cfg)}})
     task = Path(a.task).resolve()
-    cfg["data"].update(data=str(task / "train.jsonl"), val_data=str(task / "val.jsonl"),
+    cfg["data"].update(data=str(task / "post.jsonl"), val_data=str(task / "val.jsonl"),
                        tokenizer=str(Path(a.tokenizer).resolve()))
     cfg.update(run_dir=str(work / "ours"), wandb=False, init_from=str(Path(a.sft).resolve()),
                val_every=0, checkpoint_every=0)
@@ -150,7 +150,7 @@ def trl_main(hf_dir: str, task: str, out: str, steps: int) -> None:
     datasets.disable_progress_bars()
     transformers.logging.set_verbosity_error()
     args, _ = grpo_args(out, steps)
-    rows = datasets.load_dataset("json", data_files=str(Path(task) / "train.jsonl"), split="train")
+    rows = datasets.load_dataset("json", data_files=str(Path(task) / "post.jsonl"), split="train")
     columns = [c for c in rows.column_names if c != "messages"]
     # TRL's conversational prompt format: the conversation without its final (reference) assistant turn
     prompts = rows.map(lambda r: {"prompt": r["messages"][:-1]}).select_columns(["prompt", *columns])
@@ -214,7 +214,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sft", default="runs/demo/sft/checkpoints/last.ckpt", help="the SFT checkpoint both start from")
     ap.add_argument("--tokenizer", default="runs/demo/tokenizer.json")
-    ap.add_argument("--task", default="runs/demo/task", help="the demo task: train.jsonl (prompts), val.jsonl (held out)")
+    ap.add_argument("--task", default="runs/demo/task", help="the demo task: post.jsonl (RL prompts), val.jsonl (held out)")
     ap.add_argument("--steps", type=int, default=30, help="rollouts = optimizer steps for both")
     ap.add_argument("--warmup", type=int, default=3, help="steps left out of the timing")
     ap.add_argument("--eval_rows", type=int, default=300)
@@ -225,7 +225,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     if a.trl:
         trl_main(a.trl, a.task, a.out, a.steps)
         return
-    for need in (a.sft, a.tokenizer, Path(a.task) / "train.jsonl", Path(a.task) / "val.jsonl"):
+    for need in (a.sft, a.tokenizer, Path(a.task) / "post.jsonl", Path(a.task) / "val.jsonl"):
         if not Path(need).exists():
             sys.exit(f"error: {need} not found: run `make demo` first (it writes the SFT model and the task), "
                      "or pass --sft/--tokenizer/--task")

@@ -17,9 +17,10 @@ task's checker (gpt.demo_task.check), and up to `pairs_per_prompt` pairs are for
 Every kind is counted in DIR/summary.json and printed. A reply holding a control token as text
 (the model emitted <|user|>, say) cannot be a chat turn: it is counted and left out.
 
-Prompts. Training pairs come from the task's train split with `seed` (pick one the SFT data did
-not use for fresh rows; the values and phrasings are the train split's), checked against the
-held-out evaluation file `--val_file`: a train prompt whose value key or prompt text occurs there
+Prompts. Training pairs come from the task's "post" split with `seed` (`--train_split post`:
+training values in phrasings that neither the SFT data nor the evaluation uses, so the pairs
+teach on questions whose answers SFT never showed; `--train_split train` asks in the SFT data's
+own phrasings, which the SFT model has memorized), checked against the held-out evaluation file `--val_file`: a train prompt whose value key or prompt text occurs there
 is dropped and counted (by the task's construction none should). Validation pairs come from the
 val split (held-out phrasings and values): they measure a reward model or DPO on what neither
 trained on, and are never trained on.
@@ -37,7 +38,7 @@ import random
 import sys
 from collections import Counter
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Literal, Optional, Sequence
 
 from data_prep.make_demo_task import write_jsonl
 from gpt.demo_task import WORDS, check, make_rows, normalize, prompt_messages
@@ -163,7 +164,7 @@ def disjoint(rows: list[dict], keys: set[str], prompts: set[str]) -> tuple[list[
 def make_demo_pairs(checkpoint: str, out: str, val_file: Optional[str] = None, train_prompts: int = 600,
                     val_prompts: int = 100, samples: int = 4, temperature: float = 1.0, top_k: Optional[int] = None,
                     max_new_tokens: int = 24, pairs_per_prompt: int = 1, seed: int = 1, batch_size: int = 128,
-                    device: str = "cpu") -> dict[str, Any]:
+                    train_split: Literal["post", "train"] = "post", device: str = "cpu") -> dict[str, Any]:
     """Sample, label and pair; write DIR/train.jsonl, DIR/val.jsonl and DIR/summary.json.
 
     Args:
@@ -171,7 +172,7 @@ def make_demo_pairs(checkpoint: str, out: str, val_file: Optional[str] = None, t
         out: output directory (created).
         val_file: the held-out evaluation rows (data_prep.make_demo_task's val.jsonl): training
             prompts must not share a value key or a prompt with them.
-        train_prompts: prompts of the task's train split to sample for training pairs.
+        train_prompts: prompts of the task's `train_split` to sample for training pairs.
         val_prompts: prompts of the task's val split (held-out phrasings) for validation pairs.
         samples: replies sampled per prompt.
         temperature: sampling temperature (1.0: the model's own distribution, on-policy).
@@ -180,6 +181,8 @@ def make_demo_pairs(checkpoint: str, out: str, val_file: Optional[str] = None, t
         pairs_per_prompt: most pairs made from one prompt (each with a different reply).
         seed: seed of the prompts (the task's rows), the sampling and the pairing.
         batch_size: prompts per generate call.
+        train_split: the demo task's split of the training prompts: "post" (phrasings of their own)
+            or "train" (the SFT data's phrasings).
         device: where the model runs.
     """
     import torch
@@ -197,12 +200,13 @@ def make_demo_pairs(checkpoint: str, out: str, val_file: Optional[str] = None, t
     if tok is None:
         raise ValueError(f"{checkpoint}: holds no tokenizer (the chat template needs one)")
     rng = random.Random(seed)
-    summary: dict[str, Any] = {"checkpoint": str(checkpoint), "samples_per_prompt": samples, "temperature": temperature,
+    summary: dict[str, Any] = {"checkpoint": str(checkpoint), "train_split": train_split,
+                               "samples_per_prompt": samples, "temperature": temperature,
                                "top_k": top_k, "seed": seed, "val_file": val_file, "splits": {}}
     d = Path(out)
     d.mkdir(parents=True, exist_ok=True)
     for split, n in (("train", train_prompts), ("val", val_prompts)):
-        rows = make_rows(n, split, seed)  # type: ignore[arg-type]
+        rows = make_rows(n, train_split if split == "train" else "val", seed)
         dropped = 0
         if split == "train":
             rows, dropped = disjoint(rows, keys, prompts)

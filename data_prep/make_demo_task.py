@@ -1,11 +1,12 @@
 """Write the verifiable demo task (gpt.demo_task) as JSONL files in TRL's conversational format.
 
-    python -m data_prep.make_demo_task --out runs/demo/task --train 20000 --val 500 --seed 0
+    python -m data_prep.make_demo_task --out runs/demo/task --train 20000 --val 500 --post 5000 --seed 0
 
-writes DIR/train.jsonl and DIR/val.jsonl, one row per line:
+writes DIR/train.jsonl, DIR/val.jsonl and DIR/post.jsonl, one row per line:
     {"messages": [{"role": "user", "content": "What is the smaller number, 1 or 7?"}, {"role": "assistant", "content": "1"}],
      "family": "compare", "answer": "1", "split": "train", "template": "compare/7", "key": "pair|1|7"}
-and prints the rows per family. "val" holds the held-out phrasings and values. Each file is
+and prints the rows per family. "val" holds the held-out phrasings and values (the evaluation);
+"post" the prompts of the preference pairs and RL: training values in phrasings no other file uses. Each file is
 written to a temporary name and renamed, so an interrupted run never leaves a half file.
 """
 from __future__ import annotations
@@ -30,31 +31,34 @@ def write_jsonl(rows: list[dict], path: Path) -> None:
     os.replace(tmp, path)
 
 
-def make_demo_task(out: str, train: int = 20000, val: int = 500, seed: int = 0,
+def make_demo_task(out: str, train: int = 20000, val: int = 500, post: int = 5000, seed: int = 0,
                    families: Optional[list[str]] = None) -> dict[str, Counter]:
-    """Write DIR/train.jsonl and DIR/val.jsonl; return the rows per family of each split.
+    """Write DIR/train.jsonl, DIR/val.jsonl and DIR/post.jsonl; return the rows per family of each split.
 
     Args:
         out: output directory (created).
         train: rows in train.jsonl (training phrasings and values).
         val: rows in val.jsonl (held-out phrasings and values).
+        post: rows in post.jsonl (training values, phrasings of their own: RL and preference prompts).
         seed: the generator's seed; the same seed gives the same files.
         families: a subset of the families (default: all, in turn).
     """
-    for name, n in (("--train", train), ("--val", val)):
+    sizes = {"train": train, "val": val, "post": post}
+    for name, n in ((f"--{k}", v) for k, v in sizes.items()):
         if n < 0:
             raise ValueError(f"{name} must be >= 0, got {n}")
     d = Path(out)
     d.mkdir(parents=True, exist_ok=True)
     counts = {}
-    for split, n in (("train", train), ("val", val)):
+    for split, n in sizes.items():
         rows = make_rows(n, split, seed, families)  # type: ignore[arg-type]
         write_jsonl(rows, d / f"{split}.jsonl")
         counts[split] = Counter(r["family"] for r in rows)
     names = families or list(FAMILIES)
-    print(f"wrote {d}/train.jsonl ({train} rows) and {d}/val.jsonl ({val} rows), seed {seed}")
+    print(f"wrote {d}/train.jsonl ({train} rows), {d}/val.jsonl ({val} rows) and {d}/post.jsonl ({post} rows), "
+          f"seed {seed}")
     for f in names:
-        print(f"  {f:<12} train {counts['train'][f]:>6}  val {counts['val'][f]:>5}")
+        print(f"  {f:<12} train {counts['train'][f]:>6}  val {counts['val'][f]:>5}  post {counts['post'][f]:>5}")
     return counts
 
 

@@ -23,6 +23,13 @@ split by its hash, whatever the family (so a held-out word list is never copied,
 counted in training either). Row i of a split is a pure function of (seed, split, i): asking
 for more rows keeps the first ones.
 
+The post-training split ("post") asks about training values in a third set of phrasings (and
+system prompts) that neither SFT nor the held-out evaluation uses: the prompts of the
+preference pairs and of RL, which (as in InstructGPT, whose RL prompts were not its SFT
+prompts) learn from rewards on questions the SFT model was never shown answers to. Measured
+(docs/LOG.md, 2026-11-29 evening): GRPO on the SFT rows' own phrasings (memorized: 73% exact
+match there, 56% held out) left held-out exact match flat; on "post" prompts it rose.
+
 Exact match is the metric. `check` compares after `normalize`: case, runs of whitespace,
 surrounding quotes and trailing ".", "!" or "?" are ignored — nothing else. A reply that
 wraps the right value in a sentence ("The answer is 19.") is wrong: the task teaches bare
@@ -37,8 +44,9 @@ import re
 from dataclasses import dataclass
 from typing import Callable, Literal, Optional
 
-Split = Literal["train", "val"]
-SPLITS = ("train", "val")
+Split = Literal["train", "val", "post"]
+SPLITS = ("train", "val", "post")
+VALUE_SPLIT = {"train": "train", "val": "val", "post": "train"}  # "post" asks about training values
 VAL_SHARE = 0.2  # share of value keys held out
 
 # Nouns that are one token with and without a leading space in the demo tokenizer, so copying
@@ -50,6 +58,7 @@ SYSTEM_PROMPTS = {
     "train": ("You are a helpful assistant.", "Answer with just the answer.", "Be brief.",
               "You are a concise assistant. Reply with the answer only."),
     "val": ("Reply briefly.", "You are an assistant that answers in as few words as possible."),
+    "post": ("Keep it short.", "You are a chat assistant. Give only the answer."),
 }
 SYSTEM_SHARE = 0.25
 ACKS = ("OK.", "Got it.", "Noted.", "Sure.")
@@ -106,7 +115,11 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
         "train": ('Repeat after me: "{words}"', 'Say "{words}".', 'Please repeat this word: "{words}"',
                   'Echo: "{words}"', 'Copy this exactly: "{words}"', 'Can you repeat "{words}"?',
                   'Repeat the following: "{words}"', 'Write this again: "{words}"'),
-        "val": ('Say again: "{words}"', 'Please copy this word: "{words}"', 'Could you echo "{words}"?')},
+        "val": ('Say again: "{words}"', 'Please copy this word: "{words}"', 'Could you echo "{words}"?'),
+        "post": ('Print the word "{words}".', 'Just say "{words}".',
+                 'Repeat "{words}" back to me.', 'Output this word: "{words}"',
+                 'Type "{words}".', 'Reply with the word "{words}".',
+                 'Give me back this word: "{words}"', 'Write down "{words}".')},
         _word("copy", lambda rng, w: "")),
     Family("first_last", {
         "train": ('What is the {pos} word in "{words}"?', 'Which word comes {pos} in "{words}"?',
@@ -114,7 +127,11 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
                   'Name the {pos} word in "{words}".', 'In "{words}", which word is {pos}?',
                   'The {pos} word of "{words}" is?', 'Say the {pos} word: "{words}"'),
         "val": ('Find the {pos} word in "{words}".', 'Which is the {pos} word of "{words}"?',
-                'Please say the {pos} word in "{words}".')},
+                'Please say the {pos} word in "{words}".'),
+        "post": ('Return the {pos} word of "{words}".', 'From "{words}", give me the {pos} word.',
+                 'What word is {pos} in "{words}"?', 'Point out the {pos} word in "{words}".',
+                 'Tell me which word is {pos} in "{words}".', 'Look at "{words}". Which word is {pos}?',
+                 'I say "{words}". What is the {pos} word?', 'Pick the {pos} word from "{words}".')},
         _word_list(2, 3, lambda w, f: w[0] if f["pos"] == "first" else w[-1], pos=("first", "last"))),
     Family("count", {
         "train": ('How many words are in "{words}"?', 'Count the words: "{words}"',
@@ -122,7 +139,11 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
                   'Number of words in "{words}"?', 'How many words? "{words}"',
                   'Tell me how many words are in "{words}".', 'What is the word count of "{words}"?'),
         "val": ('Please count the words in "{words}".', 'How many words do you see here: "{words}"',
-                'Give the number of words in "{words}".')},
+                'Give the number of words in "{words}".'),
+        "post": ('Count the number of words in "{words}".', 'What is the number of words in "{words}"?',
+                 'How many words appear in "{words}"?', 'Word count for "{words}"?',
+                 'How many words does "{words}" have?', 'Count them: "{words}"',
+                 'Tell me the number of words in "{words}".', 'I wrote "{words}". How many words is that?')},
         _word_list(1, 4, lambda w, f: str(len(w)))),
     Family("compare", {
         "train": ("Which is {rel}, {a} or {b}?", "Which number is {rel}: {a} or {b}?", "{a} or {b}: which is {rel}?",
@@ -130,7 +151,11 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
                   "Pick the {rel} of {a} and {b}.", "Compare {a} and {b}. Which is {rel}?",
                   "What is the {rel} number, {a} or {b}?"),
         "val": ("Between {a} and {b}, which one is {rel}?", "Which of {a} and {b} is {rel}?",
-                "Name the {rel} of these two numbers: {a}, {b}.")},
+                "Name the {rel} of these two numbers: {a}, {b}."),
+        "post": ("Which one is {rel}: {a} or {b}?", "Say the {rel} number of {a} and {b}.",
+                 "I have {a} and {b}. Which is {rel}?", "Choose the {rel}: {a} or {b}.",
+                 "Out of {a} and {b}, which is {rel}?", "Which is the {rel} one, {a} or {b}?",
+                 "Give the {rel} of {a} and {b}.", "{a} and {b}: name the {rel}.")},
         _compare),
     Family("lookup", {
         "train": ('In the list "{table}", what is {key}?', "Given {table}. What is {key}?",
@@ -138,7 +163,11 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
                   'Look up {key} in "{table}".', "What is {key} in this list: {table}?",
                   'From "{table}", tell me {key}.', "Find the value of {key} in: {table}"),
         "val": ('Using the list "{table}", what is {key}?', "In {table}, what number is {key}?",
-                'Check "{table}". What is {key}?')},
+                'Check "{table}". What is {key}?'),
+        "post": ("Table: {table}. What is {key}?", 'What value does {key} have in "{table}"?',
+                 'Read "{table}" and tell me {key}.', "Given the list {table}, what number is {key}?",
+                 "Here: {table}. Which number is {key}?", 'In the table "{table}", what is {key}?',
+                 "Tell me {key} from this list: {table}.", "The list is {table}. What number is {key}?")},
         _lookup),
     Family("recall", {
         "train": ('Remember the word "{words}".|What was the word?', 'Please remember this: "{words}".|Tell me the word.',
@@ -148,7 +177,13 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
                   'Here is a word: "{words}".|What word did I give you?', 'Note the word "{words}".|Say the word I gave you.'),
         "val": ("Don't forget the word \"{words}\".|Can you say the word again?",
                 'Here is a word to remember: "{words}".|What word did I tell you to remember?',
-                'I pick the word "{words}".|Which word did I pick?')},
+                'I pick the word "{words}".|Which word did I pick?'),
+        "post": ('Memorize the word "{words}".|What word did I ask you to memorize?',
+                 'Hold on to "{words}".|Which word did I give you?', 'Your word is "{words}".|What is your word?',
+                 'Remember this word: "{words}".|What was it?',
+                 'Please keep "{words}" in mind.|Which word did I ask you to keep in mind?',
+                 'Today\'s word is "{words}".|What is today\'s word?',
+                 'Store the word "{words}".|What word did you store?', 'I choose "{words}".|What did I choose?')},
         _word("recall", lambda rng, w: rng.choice(ACKS)), turns=2),
     Family("followup", {
         "train": ('Say "{words}".|Say it again.', 'Repeat after me: "{words}"|Once more, please.',
@@ -156,7 +191,11 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
                   'Please say "{words}".|Again?', 'Write this: "{words}"|Say that one more time.',
                   'Repeat the word "{words}".|And again.', 'Say the word "{words}".|What was your answer?'),
         "val": ('Could you echo "{words}"?|Can you repeat that?', 'Please copy this word: "{words}"|One more time?',
-                'Type the word "{words}".|What did you answer?')},
+                'Type the word "{words}".|What did you answer?'),
+        "post": ('Say "{words}", please.|Say it once more.', 'Echo the word "{words}".|Repeat it.',
+                 'Write "{words}".|What did you write?', 'Please repeat "{words}".|Again, please.',
+                 'Repeat "{words}".|Repeat it again.', 'Just type "{words}".|Type it once more.',
+                 'Please echo "{words}".|Echo it again.', 'Say the word "{words}", please.|What did you say?')},
         _word("followup", lambda rng, w: w), turns=2),
 ]}
 
@@ -172,9 +211,9 @@ def make_row(family: str, split: Split, rng: random.Random) -> dict:
     if split not in SPLITS:
         raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
     fam = FAMILIES[family]
-    while True:  # rejection: ~1/(1 - VAL_SHARE) draws for train, ~5 for val
+    while True:  # rejection: ~1/(1 - VAL_SHARE) draws for train and post, ~5 for val
         fields, answer, key = fam.sample(rng)
-        if key_split(key) == split:
+        if key_split(key) == VALUE_SPLIT[split]:
             break
     t = rng.randrange(len(fam.templates[split]))
     turns = fam.templates[split][t].format(**fields).split("|")
@@ -184,7 +223,7 @@ def make_row(family: str, split: Split, rng: random.Random) -> dict:
     messages.append({"role": "assistant", "content": answer})
     if rng.random() < SYSTEM_SHARE:
         messages.insert(0, {"role": "system", "content": rng.choice(SYSTEM_PROMPTS[split])})
-    tid = t if split == "train" else len(fam.templates["train"]) + t  # template ids unique per family
+    tid = sum(len(fam.templates[s]) for s in SPLITS[:SPLITS.index(split)]) + t  # template ids unique per family
     return {"messages": messages, "family": family, "answer": answer, "split": split,
             "template": f"{family}/{tid}", "key": key}
 

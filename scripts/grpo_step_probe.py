@@ -40,7 +40,7 @@ def p_right(model: torch.nn.Module, tok, template: ChatTemplate, prompts: list[l
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", required=True)
-    ap.add_argument("--task", default="runs/demo/task/train.jsonl")
+    ap.add_argument("--task", default="runs/demo/task/post.jsonl")
     ap.add_argument("--prompts", type=int, default=64)
     ap.add_argument("--group", type=int, default=8)
     ap.add_argument("--steps", default="0.01,0.03,0.1,0.3", help="L2 lengths of the steps")

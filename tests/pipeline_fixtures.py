@@ -67,6 +67,7 @@ def shrunk_pipeline(out: Path, pretrain_steps: int = 12, slurm: bool = False) ->
             if "data_prep.make_demo_task" in cmd:
                 _set(cmd, "--train", 400)
                 _set(cmd, "--val", 60)
+                _set(cmd, "--post", 200)
             if "data_prep.make_demo_pairs" in cmd:
                 cmd += ["--train_prompts", 24, "--val_prompts", 8, "--samples", 2, "--max_new_tokens", 8]
     return cfg

@@ -1,4 +1,5 @@
 """gpt.demo_task and data_prep.make_demo_task: correct answers, determinism, a truly held-out split, the checker."""
+import hashlib
 import itertools
 import json
 import random
@@ -8,7 +9,7 @@ import pytest
 
 from data_prep.make_demo_task import main, make_demo_task
 from gpt.chat import validate_messages
-from gpt.demo_task import (FAMILIES, SYSTEM_PROMPTS, WORDS, check, key_split, make_row, make_rows, normalize,
+from gpt.demo_task import (FAMILIES, SPLITS, SYSTEM_PROMPTS, VALUE_SPLIT, WORDS, check, key_split, make_row, make_rows, normalize,
                            prompt_messages, reward)
 
 
@@ -47,13 +48,17 @@ def expected_answer(row: dict) -> str:
 def test_templates_never_contain_task_words_and_counts():
     for fam in FAMILIES.values():
         assert len(fam.templates["train"]) >= 8 and len(fam.templates["val"]) >= 3, fam.name
-        assert not set(fam.templates["train"]) & set(fam.templates["val"])
-        for t in fam.templates["train"] + fam.templates["val"]:
+        assert len(fam.templates["post"]) >= 3, fam.name
+        for a, b in itertools.combinations(SPLITS, 2):
+            assert not set(fam.templates[a]) & set(fam.templates[b]), (fam.name, a, b)
+        for t in sum((fam.templates[s] for s in SPLITS), ()):
             assert not words_in(re.sub(r"\{\w+\}", "", t)), t  # so words_in() reads only values
-    assert not set(SYSTEM_PROMPTS["train"]) & set(SYSTEM_PROMPTS["val"])
+            assert t.count("|") == fam.turns - 1, t
+    for a, b in itertools.combinations(SPLITS, 2):
+        assert not set(SYSTEM_PROMPTS[a]) & set(SYSTEM_PROMPTS[b])
 
 
-@pytest.mark.parametrize("split", ["train", "val"])
+@pytest.mark.parametrize("split", ["train", "val", "post"])
 def test_rows_are_valid_conversations_with_the_right_answer(split):
     rows = make_rows(600, split, seed=1)
     assert {r["family"] for r in rows} == set(FAMILIES)
@@ -62,7 +67,7 @@ def test_rows_are_valid_conversations_with_the_right_answer(split):
         assert r["messages"][-1] == {"role": "assistant", "content": r["answer"]}
         assert prompt_messages(r) == r["messages"][:-1] and prompt_messages(r)[-1]["role"] == "user"
         assert r["answer"] == expected_answer(r), r
-        assert r["split"] == split and key_split(r["key"]) == split
+        assert r["split"] == split and key_split(r["key"]) == VALUE_SPLIT[split]
         turns = [m for m in r["messages"] if m["role"] != "system"]
         assert len(turns) == 2 * FAMILIES[r["family"]].turns
 
@@ -100,10 +105,28 @@ def test_held_out_split_is_unseen_in_phrasings_and_values():
     assert 0.15 < share < 0.25
 
 
+def test_post_split_asks_training_values_in_unseen_phrasings():
+    """RL and preference prompts: new phrasings and system prompts, training values only."""
+    train, val, post = (make_rows(n, s, seed=0) for n, s in ((5000, "train"), (1000, "val"), (3000, "post")))
+    templates = lambda rows: {r["template"] for r in rows}
+    assert not templates(post) & (templates(train) | templates(val))
+    assert len(templates(post)) == sum(len(f.templates["post"]) for f in FAMILIES.values())
+    user = lambda rows: {m["content"] for r in rows for m in r["messages"] if m["role"] == "user"}
+    assert not user(post) & (user(train) | user(val))
+    assert not {r["key"] for r in post} & {r["key"] for r in val}
+    assert {r["key"] for r in post} & {r["key"] for r in train}  # the same value space as training
+    systems = {r["messages"][0]["content"] for r in post if r["messages"][0]["role"] == "system"}
+    assert systems == set(SYSTEM_PROMPTS["post"])
+    # Adding the split changed no train or val row: the files of earlier runs stay valid.
+    rows = make_rows(700, "train", seed=0) + make_rows(300, "val", seed=0)
+    digest = hashlib.sha256(json.dumps(rows).encode()).hexdigest()
+    assert digest == "87ebd0552368c7e2178d066333fdeea65bcb82adeb592c32787dad79d25499cd"
+
+
 def test_unknown_family_and_split():
     with pytest.raises(ValueError, match=r"^unknown demo task families \['nope'\]"):
         make_rows(3, "train", families=["nope"])
-    with pytest.raises(ValueError, match=r"^split must be one of train, val, got 'test'$"):
+    with pytest.raises(ValueError, match=r"^split must be one of train, val, post, got 'test'$"):
         make_row("copy", "test", random.Random(0))
 
 
@@ -126,16 +149,17 @@ def test_normalize():
 
 
 def test_make_demo_task_writes_jsonl(tmp_path, capsys):
-    counts = make_demo_task(str(tmp_path / "t"), train=40, val=20, seed=3)
+    counts = make_demo_task(str(tmp_path / "t"), train=40, val=20, post=14, seed=3)
     lines = (tmp_path / "t" / "train.jsonl").read_text().splitlines()
     assert [json.loads(x) for x in lines] == make_rows(40, "train", 3)
     assert [json.loads(x) for x in (tmp_path / "t" / "val.jsonl").read_text().splitlines()] == make_rows(20, "val", 3)
+    assert [json.loads(x) for x in (tmp_path / "t" / "post.jsonl").read_text().splitlines()] == make_rows(14, "post", 3)
     assert counts["train"]["copy"] == 6 and counts["val"]["copy"] == 3 and sum(counts["train"].values()) == 40
     out = capsys.readouterr().out
-    assert "train.jsonl (40 rows)" in out and re.search(r"copy +train +6 +val +3", out)
-    assert sorted(p.name for p in (tmp_path / "t").iterdir()) == ["train.jsonl", "val.jsonl"]
+    assert "train.jsonl (40 rows)" in out and re.search(r"copy +train +6 +val +3 +post +2", out)
+    assert sorted(p.name for p in (tmp_path / "t").iterdir()) == ["post.jsonl", "train.jsonl", "val.jsonl"]
     first = (tmp_path / "t" / "train.jsonl").read_bytes()
-    make_demo_task(str(tmp_path / "t"), train=40, val=20, seed=3)
+    make_demo_task(str(tmp_path / "t"), train=40, val=20, post=14, seed=3)
     assert (tmp_path / "t" / "train.jsonl").read_bytes() == first
 
 
@@ -144,3 +168,6 @@ def test_make_demo_task_errors(tmp_path, capsys):
         main(["--out", str(tmp_path), "--train", "-1"])
     assert e.value.code == 1
     assert capsys.readouterr().err == "error: --train must be >= 0, got -1\n"
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path), "--post", "-2"])
+    assert capsys.readouterr().err == "error: --post must be >= 0, got -2\n"

@@ -99,6 +99,9 @@ def test_end_to_end_through_pairs_data_prep(demo, capsys):
     assert c["chosen_sampled"] + c["chosen_reference"] == 24
     keys, prompts = held_out(str(tmp / "task" / "val.jsonl"))
     assert not any(r["key"] in keys for r in rows)
+    # The prompts are the task's "post" split: phrasings neither the SFT data nor the evaluation uses.
+    assert s["train_split"] == "post"
+    assert [r["prompt"] for r in rows] == [prompt_messages(x) for x in make_rows(24, "post", 3)]
     m = make_sft(str(tmp / "out" / "train.jsonl"), str(tok.save(tmp / "tok.json")), str(tmp / "pairs"), kind="pairs",
                  val_source=str(tmp / "out" / "val.jsonl"), block_size=160, progress=False)
     assert set(m["formats"].values()) == {"explicit"} and m["skipped"] == {}  # every reply renders

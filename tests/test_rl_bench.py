@@ -43,7 +43,9 @@ def test_trl_runs_with_our_yaml_settings(tmp_path):
     args, _ = grpo_args(str(tmp_path), steps=5)
     m = yaml.safe_load(CONFIG.read_text())["model"]
     assert args.max_steps == 5 and args.num_generations == m["group_size"] == 8
-    assert args.per_device_train_batch_size == 128 and args.gradient_accumulation_steps == 1  # 16 prompts x 8
+    d = yaml.safe_load(CONFIG.read_text())["data"]
+    assert args.per_device_train_batch_size == d["micro_batch_size"] * 8 == 512  # 64 prompts x 8
+    assert args.gradient_accumulation_steps == 1
     assert args.max_completion_length == m["max_new_tokens"] and args.beta == m["kl_coef"]
     assert args.learning_rate == m["lr"] and args.epsilon == m["clip_eps"] and args.num_iterations == 1
     assert args.loss_type == "dapo" and args.scale_rewards == "group" and args.gradient_checkpointing is False
