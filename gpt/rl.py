@@ -52,13 +52,13 @@ from typing import Any, Callable, Literal, Optional
 
 import lightning as L
 import torch
-from lightning.pytorch.loggers import WandbLogger
 
 from gpt.chat import ChatTemplate
 from gpt.config import GPTConfig
 from gpt.lm import log_at_step
 from gpt.model import GPT
 from gpt.optim import LRSchedule, Schedule, param_groups
+from gpt.rl_metrics import RolloutMetrics
 from gpt.rl_models import begin_micro_step, freeze, gathered_copy
 from gpt.rl_losses import (AdaptiveKLController, KLEstimator, gae, group_advantages, grpo_loss, kl_estimate,
                            ppo_policy_loss, value_loss)
@@ -100,7 +100,7 @@ class Experience:
     old_values: Optional[torch.Tensor] = None
 
 
-class RLModule(L.LightningModule):
+class RLModule(RolloutMetrics, L.LightningModule):
     """GRPO or PPO on a GPT policy; see the module docstring.
 
     Args:
@@ -500,72 +500,6 @@ class RLModule(L.LightningModule):
                               hp.decay_fraction)
         return {"optimizer": opt,
                 "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.LambdaLR(opt, schedule), "interval": "step"}}
-
-    # ---- metrics ------------------------------------------------------------------------
-    def log_rollout(self, exp: Experience, stats: dict[str, float], rollout: int, rollout_s: float,
-                    train_s: float) -> None:
-        ro = exp.ro
-        zero = torch.zeros(ro.size, device=self.device)
-        ver = exp.verifier if exp.verifier is not None else zero
-        rm = exp.rm if exp.rm is not None else zero
-        local = torch.stack([torch.tensor(float(ro.size), device=self.device), exp.rewards.sum(), (exp.rewards ** 2).sum(),
-                             ver.sum(), (ver ** 2).sum(), rm.sum(), (rm ** 2).sum(), ro.lengths.float().sum(),
-                             ro.ended.float().sum(), ro.truncated.float().sum()]).double()
-        n, r, r2, v, v2, m, m2, length, ended, trunc = self.trainer.strategy.reduce(local, reduce_op="sum").tolist()
-
-        def std(s: float, s2: float) -> float:
-            return math.sqrt(max(s2 / n - (s / n) ** 2, 0.0))
-
-        passes = self.hparams.ppo_epochs
-        w = max(stats["weight"], 1e-8)
-        metrics = {"train/reward": r / n, "train/reward_std": std(r, r2), "train/response_length": length / n,
-                   "train/ended": ended / n, "train/truncated": trunc / n,
-                   "train/kl": stats["rollout_kl"],  # per response: sum of k1 over its tokens, nats
-                   "train/kl_token": stats["kl_token"] / w, "train/entropy": stats["entropy"] / w,
-                   "train/clipfrac": stats["clipped"] / w, "train/approx_kl": stats["approx_kl"] / w,
-                   "train/loss": stats["loss"] / (passes * self.hparams.num_minibatches),
-                   "train/kl_coef": self.kl_coef, "perf/rollout_s": rollout_s, "perf/train_s": train_s,
-                   "perf/generate_s": self._gen_s,
-                   "perf/gen_tokens_per_s": length / max(self._gen_s, 1e-9) / self.trainer.world_size}
-        if exp.verifier is not None:
-            metrics.update({"train/verifier_reward": v / n, "train/verifier_reward_std": std(v, v2)})
-        if exp.rm is not None:
-            metrics.update({"train/rm_reward": m / n, "train/rm_reward_std": std(m, m2)})
-        if self.hparams.algorithm == "ppo":
-            metrics.update({"train/value_loss": stats["value_loss"] / w, "train/value_clipfrac": stats["value_clipped"] / w,
-                            "train/explained_variance": self._explained_variance(exp)})
-        # Logged with Lightning's step set to the optimizer step ("step"), so that the metrics of this
-        # rollout (and the callbacks' of this batch) line up with validation's and checkpoints' steps.
-        shown = ("train/loss", "train/reward", "train/kl")
-        self.log_dict({k: v for k, v in metrics.items() if k not in shown}, rank_zero_only=True)
-        self.log_dict({k: metrics[k] for k in shown}, prog_bar=True, rank_zero_only=True)
-        self.log("step", float(self.trainer.global_step), rank_zero_only=True)
-        if self.trainer.is_global_zero:
-            self._log_table(exp, rollout)
-
-    def _explained_variance(self, exp: Experience) -> float:
-        m = exp.ro.response_mask.float()
-        ret, err = exp.returns, exp.returns - exp.old_values
-        local = torch.stack([m.sum(), (ret * m).sum(), (ret ** 2 * m).sum(), (err * m).sum(), (err ** 2 * m).sum()])
-        n, s, s2, e, e2 = self.trainer.strategy.reduce(local.double(), reduce_op="sum").tolist()
-        var_r = s2 / n - (s / n) ** 2
-        return 1.0 - (e2 / n - (e / n) ** 2) / max(var_r, 1e-8)
-
-    def _log_table(self, exp: Experience, rollout: int) -> None:
-        hp = self.hparams
-        if hp.table_rows <= 0 or rollout % max(hp.table_every, 1):
-            return
-        texts = exp.ro.texts(self.tokenizer)
-        data = []
-        for i in range(min(hp.table_rows, exp.ro.size)):
-            prompt = exp.rows[i].get("prompt_messages", [{}])[-1].get("content", "")
-            data.append([self.trainer.global_step, prompt, texts[i], float(exp.rewards[i]),
-                         float(exp.verifier[i]) if exp.verifier is not None else None,
-                         float(exp.rm[i]) if exp.rm is not None else None, bool(exp.ro.ended[i])])
-        for logger in self.trainer.loggers:
-            if isinstance(logger, WandbLogger):
-                logger.log_text(key="rollouts", columns=["step", "prompt", "response", "reward", "verifier", "rm", "ended"],
-                                data=data, step=self.trainer.global_step)
 
     # ---- validation: greedy replies to held-out prompts, scored by the same rewards ----------
     def on_validation_epoch_start(self) -> None:
