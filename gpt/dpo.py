@@ -118,7 +118,9 @@ class DPOModule(LoRAMixin, PairModule):
         """(2B,) summed (sigmoid) or mean (ipo) reply log-probs of the batch's rows under self.model."""
         # The LM head runs at the reply positions only (a demo reply is ~7% of a pair's tokens).
         labels = batch["labels"]
-        logp = selected_sequence_logprobs(self.batch_logits(batch, select=labels != IGNORE_INDEX), labels)
+        seq, col = (labels != IGNORE_INDEX).nonzero(as_tuple=True)  # row-major, as selected_sequence_logprobs reads
+        rows = batch["row_index"][seq] if "row_index" in batch else seq
+        logp = selected_sequence_logprobs(self.batch_logits(batch, select=(rows, col)), labels)
         if self.hparams.loss_type == "ipo":
             logp = logp / (batch["labels"] != IGNORE_INDEX).sum(-1).clamp(min=1)
         return logp

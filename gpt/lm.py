@@ -122,7 +122,7 @@ class CausalLMModule(L.LightningModule):
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.model(idx)
 
-    def batch_logits(self, batch: dict[str, torch.Tensor], select: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def batch_logits(self, batch: dict[str, torch.Tensor], select: Optional[Any] = None) -> torch.Tensor:
         # Packed SFT rows bring restarting positions and a block-causal mask; pretraining windows neither.
         return self.model(batch["input_ids"], position_ids=batch.get("position_ids"), attn_mask=batch.get("attn_mask"),
                           select=select)

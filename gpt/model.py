@@ -172,14 +172,15 @@ class GPT(nn.Module):
 
     def forward(self, idx: torch.Tensor, *, position_ids: Optional[torch.Tensor] = None,
                 attn_mask: Optional[torch.Tensor] = None, cache: Optional[KVCache] = None,
-                last_only: bool = False, select: Optional[torch.Tensor] = None,
+                last_only: bool = False, select: Optional[torch.Tensor | tuple[torch.Tensor, torch.Tensor]] = None,
                 hidden: bool = False) -> torch.Tensor:
         """Logits over the real (unpadded) vocabulary, shape (B, T, vocab_size).
 
         position_ids: (B, T) or (T,), defaults to cache.pos + arange(T).
         attn_mask: bool, broadcastable to (B, 1, T, S) where S = keys incl. the cache prefix.
         last_only: return logits for the last position only, (B, 1, V): prefill needs no more.
-        select: bool (B, T): logits only where True, as (N, V) in row-major order. SFT scores
+        select: bool (B, T): logits only where True, as (N, V) in row-major order; or a (rows,
+            cols) pair of index tensors: logits at those N places, in that order. SFT scores
             the assistant tokens only (~15% of a chat row): the head and its softmax skip the rest.
         hidden: return the final (normed) hidden states, (B, T, n_embd), instead of logits: what a
             reward or value head reads (gpt/reward.py).

@@ -58,10 +58,13 @@ def head_meta(head: nn.Linear) -> dict[str, Any]:
 
 
 def read_rewards(backbone: GPT, head: nn.Module, input_ids: torch.Tensor, last_index: torch.Tensor,
-                 position_ids: Optional[torch.Tensor] = None, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """(B,) fp32 rewards: the head on each row's hidden state at last_index (only those B rows)."""
+                 position_ids: Optional[torch.Tensor] = None, attn_mask: Optional[torch.Tensor] = None,
+                 row_index: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """(S,) fp32 rewards: the head on the hidden state at (row_index[s], last_index[s]) for each
+    sequence s (row_index None: sequence s is row s; gpt.pair_data's shared rows hold two)."""
     h = backbone(input_ids, position_ids=position_ids, attn_mask=attn_mask, hidden=True)
-    last = h[torch.arange(h.size(0), device=h.device), last_index.to(h.device)]
+    rows = torch.arange(h.size(0), device=h.device) if row_index is None else row_index.to(h.device)
+    last = h[rows, last_index.to(h.device)]
     return head(last).squeeze(-1).float()
 
 
@@ -75,9 +78,10 @@ class RewardModel(nn.Module):
         self.head = head if head is not None else make_head(config)
 
     def score(self, input_ids: torch.Tensor, last_index: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
-              attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Rewards (B,) of token rows, read at last_index (position_ids/attn_mask as for the GPT)."""
-        return read_rewards(self.backbone, self.head, input_ids, last_index, position_ids, attn_mask)
+              attn_mask: Optional[torch.Tensor] = None, row_index: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Rewards of token rows, read at (row_index, last_index) (position_ids/attn_mask as for the
+        GPT; row_index None: one reward per row)."""
+        return read_rewards(self.backbone, self.head, input_ids, last_index, position_ids, attn_mask, row_index)
 
     forward = score
 
@@ -211,7 +215,7 @@ class RewardModule(PairModule):
 
     def pair_stats(self, batch: dict[str, torch.Tensor], split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
         rewards = read_rewards(self.model, self.reward_head, batch["input_ids"], batch["last_index"],
-                               batch.get("position_ids"), batch.get("attn_mask"))
+                               batch.get("position_ids"), batch.get("attn_mask"), batch.get("row_index"))
         chosen, rejected = rewards.chunk(2)
         losses = self.loss_fn(chosen, rejected)
         d = (chosen - rejected).detach()

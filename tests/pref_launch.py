@@ -32,7 +32,8 @@ class SaveLiveScores(Callback):
         dm = trainer.datamodule
         batch = {k: v.to(pl_module.device) for k, v in dm.collate([dm.val[i] for i in range(4)]).items()}
         with torch.no_grad():
-            scores = pl_module.reward_model().score(batch["input_ids"], batch["last_index"]).cpu()
+            scores = pl_module.reward_model().score(batch["input_ids"], batch["last_index"], batch["position_ids"],
+                                                    batch.get("attn_mask"), batch["row_index"]).cpu()
         if trainer.is_global_zero:
             torch.save(scores, self.path)
 

@@ -11,7 +11,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from gpt.dpo import DPOModule
 from gpt.objectives import sequence_logprobs
-from gpt.pair_data import PairDataModule, PairRows
+from gpt.pair_data import PairCollator, PairDataModule, PairRows
 from tests.chat_fixtures import shakespeare_tokenizer
 from tests.pref_fixtures import csv_metrics, demo_pair_rows, make_trainer, tiny_config, write_pairs_dir
 
@@ -78,11 +78,17 @@ def test_reference_table_is_each_pair_alone_through_the_start_weights(run, pairs
     assert read.sum() == 24  # 6 steps x 4 pairs, all different pairs: only what the run reads is computed
     by_index = PairRows(dm.train.pairs, seed=None)
     for p in torch.nonzero(read).flatten().tolist()[:6]:
-        batch = dm.collate([by_index[p]])  # chosen and rejected of pair p, no padding
+        batch = separate_rows(dm)([by_index[p]])  # chosen and rejected of pair p as two rows, no padding
         with torch.no_grad():
             logp = sequence_logprobs(ref(batch["input_ids"]), batch["labels"])
         torch.testing.assert_close(table[p], logp, rtol=0, atol=1e-4)
     assert module.reference["val"].shape == (12, 2) and not module.reference["val"].isnan().any()
+
+
+def separate_rows(dm: PairDataModule) -> PairCollator:
+    """The two-rows-per-pair layout of dm's batches: an independent computation of the same numbers."""
+    assert dm.collate.share_prompt  # the default the recipes train with
+    return PairCollator(dm.collate.pad_id)
 
 
 def test_one_forward_per_micro_batch(run):
@@ -162,7 +168,7 @@ def test_rpo_alpha_adds_the_chosen_replies_mean_nll(tmp_path, pairs_dir, tok, to
     start.model.load_state_dict(module.model.state_dict())
     make_trainer(tmp_path, max_steps=1, accumulate=2, limit_val_batches=0).fit(module, dm)
     # the first optimizer step's pairs: the first global batch of the sample order (2 x 2 pairs)
-    batch = dm.collate([dm.train[i] for i in range(4)])
+    batch = separate_rows(dm)([dm.train[i] for i in range(4)])  # the module read them as shared-prompt rows
     with torch.no_grad():
         logits = start.model(batch["input_ids"], position_ids=batch["position_ids"])
     chosen = batch["labels"].chunk(2)[0]

@@ -84,6 +84,54 @@ def test_reward_and_logprobs_read_the_same_under_both_paddings(pairs_dir, tok):
     torch.testing.assert_close(results["left"][1], results["right"][1], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_shared_prompt_rows_give_the_separate_rows_numbers(pairs_dir, tok, side):
+    """One row of prompt + chosen + rejected per pair: the same rewards' hidden states and reply
+    log-probs as two rows per pair, in fewer tokens; the rejected reply never sees the chosen one."""
+    model = tiny_gpt(tok.vocab_size, "llama").eval()
+    ds = PairRows(ExampleShards(pairs_dir, "train", "pairs"), seed=None)
+    items = [ds[i] for i in range(6)]
+    out = {}
+    for share in (False, True):
+        b = PairCollator(tok.pad_id, side, share_prompt=share)(items)
+        with torch.no_grad():
+            h = model(b["input_ids"], position_ids=b["position_ids"], attn_mask=b.get("attn_mask"), hidden=True)
+            logits = model(b["input_ids"], position_ids=b["position_ids"], attn_mask=b.get("attn_mask"))
+        out[share] = (b, h[b["row_index"], b["last_index"]], token_logprobs(logits[b["row_index"]], b["labels"]).sum(-1))
+    sep, shared = out[False][0], out[True][0]
+    assert shared["input_ids"].shape[0] == 6 and sep["input_ids"].shape[0] == 12
+    assert shared["input_ids"].numel() < 0.75 * sep["input_ids"].numel()
+    assert shared["row_index"].tolist() == list(range(6)) * 2 and sep["row_index"].tolist() == list(range(12))
+    assert shared["response_tokens"].tolist() == sep["response_tokens"].tolist()
+    assert (shared["labels"] != IGNORE_INDEX).sum() == (sep["labels"] != IGNORE_INDEX).sum()
+    for s in range(12):  # the same reply tokens, and the same last token, in each layout
+        r_sh, r_se = shared["row_index"][s], sep["row_index"][s]
+        assert shared["labels"][s][shared["labels"][s] != IGNORE_INDEX].tolist() == \
+            sep["labels"][s][sep["labels"][s] != IGNORE_INDEX].tolist()
+        assert shared["input_ids"][r_sh, shared["last_index"][s]] == sep["input_ids"][r_se, sep["last_index"][s]]
+    torch.testing.assert_close(out[True][1], out[False][1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out[True][2], out[False][2], rtol=1e-5, atol=1e-5)
+    # Changing a chosen reply's tokens leaves its pair's rejected numbers unchanged.
+    swapped = [dict(it) for it in items]
+    p = swapped[0]["prompt_len"]
+    swapped[0]["chosen"] = np.concatenate([swapped[0]["chosen"][:p], (swapped[0]["chosen"][p:] + 7) % 200])
+    b = PairCollator(tok.pad_id, side, share_prompt=True)(swapped)
+    with torch.no_grad():
+        logits = model(b["input_ids"], position_ids=b["position_ids"], attn_mask=b["attn_mask"])
+    again = token_logprobs(logits[b["row_index"]], b["labels"]).sum(-1)
+    torch.testing.assert_close(again[6:], out[True][2][6:], rtol=1e-5, atol=1e-5)
+    assert not torch.isclose(again[0], out[True][2][0])
+
+
+def test_shared_rows_fall_back_to_two_rows_past_max_len(pairs_dir, tok):
+    ds = PairRows(ExampleShards(pairs_dir, "train", "pairs"), seed=None)
+    items = [ds[i] for i in range(3)]
+    longest_shared = max(len(it["chosen"]) + len(it["rejected"]) - it["prompt_len"] for it in items)
+    assert PairCollator(tok.pad_id, share_prompt=True, max_len=longest_shared)(items)["input_ids"].shape[0] == 3
+    b = PairCollator(tok.pad_id, share_prompt=True, max_len=longest_shared - 1)(items)
+    assert b["input_ids"].shape[0] == 6 and b["row_index"].tolist() == list(range(6))
+
+
 def test_sample_order_and_global_counts(pairs_dir, tok):
     ds = PairRows(ExampleShards(pairs_dir, "train", "pairs"), seed=9)
     ds.set_global_batch(4)

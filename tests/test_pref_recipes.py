@@ -20,7 +20,7 @@ from gpt.checkpoint import load_model, save_model
 from gpt.config import GPTConfig
 from gpt.model import GPT
 from gpt.objectives import sequence_logprobs
-from gpt.pair_data import PairDataModule
+from gpt.pair_data import PairCollator, PairDataModule
 from gpt.reward import load_reward_model
 from tests.chat_fixtures import shakespeare_tokenizer
 from tests.pref_fixtures import (csv_metrics, demo_pair_rows, pref_recipe, tiny_config, write_pairs_dir,
@@ -92,7 +92,7 @@ def _config(d: Path, tok, name: str, stage: str, **kw) -> Path:
 def _val_batch(pairs: Path, n: int) -> dict[str, torch.Tensor]:
     dm = PairDataModule(str(pairs), str(pairs.parent.parent / "tokenizer.json"), block_size=128, val_pairs=n)
     dm._open()
-    return dm.collate([dm.val[i] for i in range(n)])
+    return PairCollator(dm.collate.pad_id)([dm.val[i] for i in range(n)])  # two rows per pair (training shares)
 
 
 @slow
@@ -137,7 +137,7 @@ def test_dpo_recipe_from_init_raises_margins(dpo_one_rank, data):
     dm = PairDataModule(str(data / "pairs"), str(data / "tokenizer.json"), block_size=128, micro_batch_size=4,
                         seed=7, val_pairs=16)
     dm._open()
-    b = dm.collate([dm.train[i] for i in range(8)])
+    b = PairCollator(dm.collate.pad_id)([dm.train[i] for i in range(8)])  # two rows per pair: independent of training's
     with torch.no_grad():
         logp = sequence_logprobs(model(b["input_ids"]), b["labels"]).double()
     chosen, rejected = logp.chunk(2)

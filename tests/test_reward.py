@@ -177,7 +177,7 @@ def test_zero3_reward_model_checkpoint_loads(tmp_path, pairs_dir, tok_path):
     rm, _ = load_reward_model(ckpt)
     dm = PairDataModule(str(pairs_dir), str(tok_path), block_size=128, val_pairs=8)
     dm._open()
-    b = dm.collate([dm.val[i] for i in range(4)])
+    b = PairCollator(dm.collate.pad_id)([dm.val[i] for i in range(4)])  # two rows per pair: loaded vs live
     with torch.no_grad():
         got = rm.score(b["input_ids"], b["last_index"])
     torch.testing.assert_close(got, torch.load(out / "scores.pt", weights_only=True), rtol=0, atol=1e-5)
