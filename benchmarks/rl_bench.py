@@ -10,9 +10,9 @@ generation_config stops at <|end|>). Both read the prompts of the task's post.js
 gpt.prompt_data from the `messages` rows; TRL: the same rows as a `prompt` column of message
 lists, the final assistant turn dropped) and reward a reply with the same function,
 gpt.demo_task.reward (1.0 for an exact match, else 0.0; TRL calls it through a wrapper with
-its reward_funcs signature). Settings of recipes/configs/rl-tiny-cpu.yaml: 16 prompts x
-group of 8 = 128 responses per step, at most 16 new tokens, temperature 1 (no top-k/top-p),
-one optimizer step per rollout (TRL: per_device_train_batch_size 128, num_generations 8,
+its reward_funcs signature). Settings of recipes/configs/rl-tiny-cpu.yaml: 64 prompts x
+group of 8 = 512 responses per step, at most 16 new tokens, temperature 1 (no top-k/top-p),
+one optimizer step per rollout (TRL: per_device_train_batch_size 512, num_generations 8,
 gradient_accumulation_steps 1, num_iterations 1), advantages normalized by the group's std
 (TRL: scale_rewards "group"), the clipped surrogate (epsilon 0.2) with token-level
 normalization over the batch (TRL: loss_type "dapo"), kl_coef 0.04 = TRL's beta (k3 to the
@@ -193,11 +193,13 @@ def report(results: dict[str, dict[str, Any]], sft_em: dict[str, Any], a: argpar
              f"{100 * r['em']['exact_match']:.1f}%"] for name, r in results.items()]
     rows.append(["SFT model (before RL)", 0, "", "", "", "", "", f"{100 * sft_em['exact_match']:.1f}%"])
     ours, trl = (r["speed"] for r in results.values())
-    m = yaml.safe_load(CONFIG.read_text())["model"]
+    cfg = yaml.safe_load(CONFIG.read_text())
+    m, prompts = cfg["model"], cfg["data"]["micro_batch_size"]
     return ("## RL (GRPO): recipes/rl.py vs TRL GRPOTrainer\n\n" + environment() + "\n"
             f"`python -m benchmarks.rl_bench --sft {a.sft} --tokenizer {a.tokenizer} --task {a.task} --steps {a.steps}` "
             "on the demo's SFT model and task prompts (see its "
-            "docstring for the settings): 16 prompts x 8 responses of at most 16 tokens per step, reward = "
+            f"docstring for the settings): {prompts} prompts x {m['group_size']} responses of at most "
+            f"{m['max_new_tokens']} tokens per step, reward = "
             f"gpt.demo_task.reward (exact match), kl {m['kl_coef']:g}, lr {m['lr']:g}. Timed: steps {a.warmup + 1}-{a.steps}, wall clock "
             "and the process's CPU time (all its threads; the wall clock also counts other jobs on the shared "
             f"machine: {load} at the start). Tokens = generated response tokens incl. end-of-turn. Reward: step 1's "
