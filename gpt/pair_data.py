@@ -109,9 +109,11 @@ class PairCollator:
         self.share_prompt, self.max_len = share_prompt, max_len
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        shared = [len(it["chosen"]) + len(it["rejected"]) - it["prompt_len"] for it in items]
-        if self.share_prompt and (self.max_len is None or max(shared) <= self.max_len):
-            out = self._shared(items, max(shared))
+        longest = 0  # of the shared rows: prompt + both replies
+        if self.share_prompt:
+            longest = max(len(it["chosen"]) + len(it["rejected"]) - it["prompt_len"] for it in items)
+        if self.share_prompt and (self.max_len is None or longest <= self.max_len):
+            out = self._shared(items, longest)
         else:
             out = self._separate(items)
         out["response_tokens"] = torch.tensor([len(it[k]) - it["prompt_len"] for k in ("chosen", "rejected")

@@ -68,6 +68,23 @@ def summary(tmp_path: Path) -> dict:
     return json.loads((tmp_path / "out" / "summary.json").read_text())
 
 
+def test_the_demo_post_trains_on_prompts_sft_never_saw():
+    """Pairs and RL read the task's "post" split (phrasings of their own), not the SFT rows."""
+    from recipes.pipeline import parser
+    cfg = parser().parse_args(["--config", str(ROOT / "recipes" / "configs" / "pipeline-tiny-cpu.yaml")])
+    pipe = build(cfg.stages, cfg.dir, cfg.group)
+    rl = pipe.step("rl")
+    assert rl.args[rl.args.index("--data.data") + 1] == f"{cfg.dir}/task/post.jsonl"
+    pairs = next(c for c in pipe.step("pairs").commands if "data_prep.make_demo_pairs" in c)
+    assert "--train_split" not in pairs  # make_demo_pairs' default: post
+    import inspect
+    from data_prep.make_demo_pairs import make_demo_pairs
+    assert inspect.signature(make_demo_pairs).parameters["train_split"].default == "post"
+    for name in ("rl-tiny-cpu.yaml", "rl-ppo-tiny-cpu.yaml"):
+        data = yaml.safe_load((ROOT / "recipes" / "configs" / name).read_text())["data"]
+        assert data["data"] == "runs/demo/task/post.jsonl", name
+
+
 def test_every_pipeline_config_builds():
     assert (ROOT / "recipes" / "configs" / "pipeline-tiny-cpu.yaml") in CONFIGS
     from recipes.pipeline import parser
