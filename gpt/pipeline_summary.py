@@ -119,11 +119,12 @@ def collect(pipe: Pipeline, status: dict[str, str], transcripts: Optional[dict[s
             state: str = "done", started_at: Optional[float] = None, extra: Optional[dict] = None,
             walls: Optional[dict[str, float]] = None) -> dict[str, Any]:
     """The summary as data: the pipeline's state and a row per stage (stages not reached: "pending").
-    `walls`: stage times measured elsewhere (a Slurm chain's jobs), over the markers' own."""
+    `walls`: stage times measured elsewhere (a Slurm chain's jobs). They win over the markers' own, except
+    that Slurm clocks whole seconds: a stage that ran in under one second spans 0 there, so the larger counts."""
     rows = [stage_row(pipe, s, status.get(s.name, "pending"), (transcripts or {}).get(s.name)) for s in pipe.steps]
     for r in rows:
         if walls and r["stage"] in walls:
-            r["wall_s"] = walls[r["stage"]]
+            r["wall_s"] = max(walls[r["stage"]], r["wall_s"] or 0.0)
     now = time.time()
     return {"pipeline": {"config": pipe.source, "dir": pipe.dir, "group": pipe.group, "state": state,
                          "started_at": started_at, "finished_at": now,
