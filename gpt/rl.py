@@ -17,6 +17,11 @@ token and `truncation_penalty` for a response that never ended its turn.
 GRPO (Shao et al. 2024): advantages are each response's reward normalized within its prompt's
 group (gpt.rl_losses.group_advantages); no value model; the loss is PPO's clipped surrogate with
 the response's advantage on every token plus kl_coef x the k3 estimate of KL(policy || reference).
+Guidance (model.guide, off-policy guidance as in LUFFY; Yan et al. 2025): a group in which no
+response earns a verifier reward gives GRPO equal rewards, hence no gradient, however often the
+prompt is drawn; with guide on, its last response is replaced by the row's reference answer, which
+then is the group's one rewarded response. On the demo this is what lets RL teach the questions
+the SFT model never answers right (docs/LOG.md, 2026-11-29 night).
 PPO (InstructGPT; Ouyang et al. 2022): a critic (GPT backbone + scalar head, initialized from
 the reward model, trained) gives per-token values; the per-token reward is -kl_coef x (log pi -
 log pi_ref), plus the sequence reward at the last token; advantages by GAE (gamma, lam), whitened;
@@ -63,8 +68,8 @@ from gpt.rl_models import begin_micro_step, freeze, gathered_copy
 from gpt.rl_losses import (AdaptiveKLController, KLEstimator, gae, group_advantages, grpo_loss, kl_estimate,
                            ppo_policy_loss, value_loss)
 from gpt.run import load_initial_weights, model_identity
-from gpt.rollout import (Rollout, derive_seed, forward_rollout, last_token_index, response_logprobs,
-                         response_values, sample_rollout)
+from gpt.rollout import (Rollout, derive_seed, forward_rollout, last_token_index, replace_responses,
+                         response_logprobs, response_values, sample_rollout)
 from gpt.tokenizer import Tokenizer
 
 Algorithm = Literal["grpo", "ppo"]
@@ -98,6 +103,7 @@ class Experience:
     advantages: torch.Tensor           # GRPO (N,), PPO (N, R)
     returns: Optional[torch.Tensor] = None
     old_values: Optional[torch.Tensor] = None
+    guided: int = 0                    # groups whose last response is the row's reference answer (model.guide)
 
 
 class RLModule(RolloutMetrics, L.LightningModule):
@@ -125,6 +131,9 @@ class RLModule(RolloutMetrics, L.LightningModule):
         clip_eps: the policy ratio's clip range. value_clip: the value clip range. vf_coef: the value
             loss's weight. gamma, lam: GAE. whiten_advantages: PPO advantages whitened over the global batch.
         scale_advantages: GRPO divides by the group's std (False: mean-centred only, Dr. GRPO).
+        guide: off-policy guidance: in a group where no response earns a verifier reward > 0, the last
+            response is replaced by the row's reference answer (its "answer"; rows without one are
+            left alone) before the advantages are computed. Logged as train/guided.
         loss_norm: token (sum over the minibatch's tokens / their count) or sequence (per-response means).
         ppo_epochs, num_minibatches: passes over each rollout, optimizer steps per pass.
         micro_batch_size: sequences per forward/backward (None: the whole minibatch).
@@ -147,7 +156,7 @@ class RLModule(RolloutMetrics, L.LightningModule):
                  generation_batch_size: Optional[int] = None, kl_coef: float = 0.04, kl_estimator: KLEstimator = "k3",
                  adaptive_kl: bool = False, kl_target: float = 6.0, kl_horizon: int = 10000, clip_eps: float = 0.2,
                  value_clip: float = 0.2, vf_coef: float = 0.1, gamma: float = 1.0, lam: float = 0.95,
-                 whiten_advantages: bool = True, scale_advantages: bool = True,
+                 whiten_advantages: bool = True, scale_advantages: bool = True, guide: bool = False,
                  loss_norm: Literal["token", "sequence"] = "token", ppo_epochs: int = 1, num_minibatches: int = 1,
                  micro_batch_size: Optional[int] = None, lr: float = 1e-5, critic_lr: Optional[float] = None,
                  weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
@@ -169,6 +178,8 @@ class RLModule(RolloutMetrics, L.LightningModule):
             raise ValueError("GRPO compares responses within a group: model.group_size must be >= 2")
         if reward_fn is None and reward_model is None:
             raise ValueError("no reward: set model.reward_fn (a verifier) and/or model.reward_model")
+        if guide and reward_fn is None:
+            raise ValueError("model.guide replaces a reply in groups the verifier rewards nowhere: set model.reward_fn")
         # Dropout would make log pi(a) at sampling and at training two different random variables.
         self.config = GPTConfig.from_preset(preset, **{**(model_config or {}), "dropout": 0.0})
         self.tokenizer_json = Tokenizer.from_file(tokenizer).to_str() if tokenizer else None
@@ -372,11 +383,17 @@ class RLModule(RolloutMetrics, L.LightningModule):
         self._gen_s = time.perf_counter() - t0
         rows = [row for row in batch["rows"] for _ in range(hp.group_size)]
         rewards, verifier, rm = self.score(ro, rows)
+        guided = 0
+        if hp.guide:
+            ro, guided = self.guide(ro, rows, verifier)
+            if guided:
+                rewards, verifier, rm = self.score(ro, rows)
         ref = self.frozen("reference")
         ref_logp = self._scan(lambda r: response_logprobs(ref, r, hp.temperature)[0], ro)
         one_step = self.steps_per_rollout == 1 and hp.algorithm == "grpo"
         old_logp = None if one_step else self._scan(lambda r: response_logprobs(self.model, r, hp.temperature)[0], ro)
-        exp = Experience(ro, rows, rewards, verifier, rm, self.weights_of(ro), old_logp, ref_logp, advantages=rewards)
+        exp = Experience(ro, rows, rewards, verifier, rm, self.weights_of(ro), old_logp, ref_logp, advantages=rewards,
+                         guided=guided)
         if hp.algorithm == "grpo":
             exp.advantages = group_advantages(rewards, hp.group_size, hp.scale_advantages)
             return exp
@@ -389,6 +406,20 @@ class RLModule(RolloutMetrics, L.LightningModule):
             adv = self._global_whiten(adv, mask)
         exp.advantages, exp.returns, exp.old_values = adv, returns, values
         return exp
+
+    def guide(self, ro: Rollout, rows: list[dict], verifier: torch.Tensor) -> tuple[Rollout, int]:
+        """(the rollout with each unrewarded group's last response replaced by its reference answer,
+        how many groups were). Why: a prompt the policy never answers right gives GRPO a group of
+        equal rewards, hence no gradient; the reference makes it one right answer among wrong ones."""
+        G, t = self.hparams.group_size, self.template
+        new = {}
+        for g in range(ro.size // G):
+            answer = rows[g * G].get("answer")
+            if answer is not None and str(answer).strip() and float(verifier[g * G:(g + 1) * G].max()) <= 0:
+                new[g * G + G - 1] = self.tokenizer.encode(str(answer))
+        if not new:
+            return ro, 0
+        return replace_responses(ro, new, end_id=t.end_id, pad_id=t.pad_id), len(new)
 
     def _critic_fn(self, ids: torch.Tensor, position_ids: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
         h = self.critic.backbone(ids, position_ids=position_ids, attn_mask=attn_mask, hidden=True)

@@ -34,8 +34,10 @@ class RolloutMetrics:
         rm = exp.rm if exp.rm is not None else zero
         local = torch.stack([torch.tensor(float(ro.size), device=self.device), exp.rewards.sum(), (exp.rewards ** 2).sum(),
                              ver.sum(), (ver ** 2).sum(), rm.sum(), (rm ** 2).sum(), ro.lengths.float().sum(),
-                             ro.ended.float().sum(), ro.truncated.float().sum()]).double()
-        n, r, r2, v, v2, m, m2, length, ended, trunc = self.trainer.strategy.reduce(local, reduce_op="sum").tolist()
+                             ro.ended.float().sum(), ro.truncated.float().sum(),
+                             torch.tensor(float(exp.guided), device=self.device)]).double()
+        n, r, r2, v, v2, m, m2, length, ended, trunc, guided = \
+            self.trainer.strategy.reduce(local, reduce_op="sum").tolist()
 
         def std(s: float, s2: float) -> float:
             return math.sqrt(max(s2 / n - (s / n) ** 2, 0.0))
@@ -53,6 +55,8 @@ class RolloutMetrics:
                    "perf/gen_tokens_per_s": length / max(self._gen_s, 1e-9) / self.trainer.world_size}
         if exp.verifier is not None:
             metrics.update({"train/verifier_reward": v / n, "train/verifier_reward_std": std(v, v2)})
+        if self.hparams.guide:  # share of groups given the reference answer (its reward is in train/reward)
+            metrics["train/guided"] = guided * self.hparams.group_size / n
         if exp.rm is not None:
             metrics.update({"train/rm_reward": m / n, "train/rm_reward_std": std(m, m2)})
         if self.hparams.algorithm == "ppo":

@@ -5,6 +5,7 @@
                         pad_id=template.pad_id, group_size=8, max_new_tokens=32, temperature=1.0, seed=s)
     logp, entropy = response_logprobs(model, ro, with_entropy=True)   # (N, R) each, recomputed
     ro.response_mask, ro.lengths, ro.ended, ro.truncated, ro.texts(tokenizer)
+    ro = replace_responses(ro, {7: reference_ids}, end_id=..., pad_id=...)   # off-policy guidance
 
 Sampling is gpt.generate.generate (KV cache, left padding, stop at the chat template's stop ids),
 never transformers' generate. Each prompt is sampled `group_size` times, the copies adjacent
@@ -110,6 +111,26 @@ def build_rollout(prompts: Sequence[Sequence[int]], replies: Sequence[Sequence[i
                    ended=torch.tensor([s == end_id for s in stops], dtype=torch.bool),
                    truncated=torch.tensor([s is None for s in stops], dtype=torch.bool),
                    sampler_logprobs=lp, replies=[list(r) for r in replies]).to(device)
+
+
+def replace_responses(ro: Rollout, new: dict[int, Sequence[int]], *, end_id: int, pad_id: int) -> Rollout:
+    """The rollout with row i's response replaced by `new[i]` (reply tokens; the end-of-turn token is
+    appended), laid out afresh. The sampler never drew a replaced reply: its sampler_logprobs are 0
+    (the ratio's log-probs are recomputed from the policy anyway)."""
+    P = ro.prompt_len
+    prompts = [ro.input_ids[i, :P][ro.valid[i, :P]].tolist() for i in range(ro.size)]
+    replies, stops, logprobs = [], [], []
+    for i in range(ro.size):
+        if i in new:
+            replies.append(list(new[i]))
+            stops.append(end_id)
+            logprobs.append([0.0] * (len(new[i]) + 1))
+            continue
+        n = int(ro.lengths[i])
+        replies.append(list(ro.replies[i]))
+        stops.append(None if bool(ro.truncated[i]) else int(ro.responses[i, n - 1]))
+        logprobs.append(ro.sampler_logprobs[i, :n].tolist())
+    return build_rollout(prompts, replies, stops, logprobs, end_id=end_id, pad_id=pad_id, device=ro.input_ids.device)
 
 
 @torch.no_grad()

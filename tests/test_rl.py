@@ -39,6 +39,7 @@ def _fit(inputs, run_dir, max_steps, data=None, ckpt_path=None, every=0, **kw):
     ({"reward_fn": None}, "no reward: set model.reward_fn"),
     ({"reward_fn": "gpt.demo_task"}, "expected 'package.module:function'"),
     ({"reward_fn": "gpt.demo_task:nope"}, "has no attribute 'nope'"),
+    ({"guide": True, "reward_fn": None, "reward_model": "rm.ckpt"}, "model.guide .* set model.reward_fn"),
 ])
 def test_bad_settings_are_one_line(kw, error):
     with pytest.raises(ValueError, match=error):
@@ -51,6 +52,27 @@ def test_reward_fn_is_the_demo_verifier():
 
 
 # ---- GRPO ---------------------------------------------------------------------------------
+def test_guide_puts_the_reference_answer_into_groups_the_verifier_rewards_nowhere(tmp_path, inputs):
+    """A random tiny model never answers a demo row right: with model.guide every group's last
+    response becomes the row's reference answer, scored 1 by the verifier, the only positive advantage."""
+    module, trainer = _fit(inputs, tmp_path / "run", 1, reward_fn="gpt.demo_task:reward", guide=True)
+    exp, G = module.last_experience, module.hparams.group_size
+    groups = exp.ro.size // G
+    assert exp.guided == groups == 4
+    for g in range(groups):
+        last = g * G + G - 1
+        answer = exp.rows[last]["answer"]
+        assert exp.ro.replies[last] == module.tokenizer.encode(answer) and bool(exp.ro.ended[last])
+        assert exp.verifier[last] == 1.0 and exp.verifier[g * G:last].sum() == 0
+        assert exp.advantages[last] > 0 and (exp.advantages[g * G:last] < 0).all()
+    logged = trainer.callback_metrics
+    assert float(logged["train/guided"]) == 1.0
+    # Without guidance the same rollout has no rewarded response: every advantage is 0, nothing to learn.
+    module, _ = _fit(inputs, tmp_path / "plain", 1, reward_fn="gpt.demo_task:reward")
+    assert module.last_experience.guided == 0 and module.last_experience.verifier.sum() == 0
+    assert (module.last_experience.advantages == 0).all()
+
+
 @pytest.fixture(scope="module")
 def grpo_runs(inputs, tmp_path_factory):
     """Two 12-step GRPO runs at a high lr: without the KL term and with a strong one."""

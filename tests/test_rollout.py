@@ -5,7 +5,7 @@ import torch
 from gpt.config import GPTConfig
 from gpt.generate import generate
 from gpt.model import GPT
-from gpt.rollout import derive_seed, response_logprobs, sample_rollout
+from gpt.rollout import derive_seed, replace_responses, response_logprobs, sample_rollout
 
 END, EOT, PAD = 3, 4, 5
 PROMPTS = [[7, 8, 9, 10, 11, 12], [13], [14, 15, 16]]
@@ -91,3 +91,25 @@ def test_chunked_sampling_is_a_function_of_the_seed():
     assert _rollout(model, seed=12).replies != a.replies
     with pytest.raises(ValueError, match="temperature must be > 0"):
         _rollout(model, temperature=0.0)
+
+
+def test_replace_responses_swaps_only_the_named_rows():
+    model = _model("tiny")
+    ro = _rollout(model)
+    before, _ = response_logprobs(model, ro)
+    new = replace_responses(ro, {3: [20, 21], 6: [22]}, end_id=END, pad_id=PAD)
+    assert new.replies[3] == [20, 21] and new.replies[6] == [22]
+    assert new.lengths[3] == 3 and new.responses[3, :3].tolist() == [20, 21, END] and bool(new.ended[3])
+    assert not new.truncated[6] and new.sampler_logprobs[3].abs().sum() == 0
+    expanded = [p for p in PROMPTS for _ in range(4)]
+    for i in range(ro.size):  # each row is its prompt then its (new or kept) response, the layout unchanged
+        n = int(new.lengths[i])
+        assert new.input_ids[i][new.valid[i]].tolist() == expanded[i] + new.responses[i, :n].tolist()
+        if i not in (3, 6):
+            assert new.replies[i] == ro.replies[i] and bool(new.ended[i]) == bool(ro.ended[i])
+            assert bool(new.truncated[i]) == bool(ro.truncated[i]) and int(new.lengths[i]) == int(ro.lengths[i])
+    after, _ = response_logprobs(model, new)
+    kept = [i for i in range(ro.size) if i not in (3, 6)]
+    R = min(before.size(1), after.size(1))
+    torch.testing.assert_close(after[kept, :R], before[kept, :R], rtol=0, atol=1e-5)
+    torch.testing.assert_close(new.sampler_logprobs[kept, :R], ro.sampler_logprobs[kept, :R])
