@@ -10,7 +10,7 @@ generation_config stops at <|end|>). Both read the prompts of the task's post.js
 gpt.prompt_data from the `messages` rows; TRL: the same rows as a `prompt` column of message
 lists, the final assistant turn dropped) and reward a reply with the same function,
 gpt.demo_task.reward (1.0 for an exact match, else 0.0; TRL calls it through a wrapper with
-its reward_funcs signature). Settings of recipes/configs/rl-tiny-cpu.yaml: 64 prompts x
+its reward_funcs signature). Settings of recipes/configs/rl-tiny-cpu.yaml, its guidance off (TRL has none): 64 prompts x
 group of 8 = 512 responses per step, at most 16 new tokens, temperature 1 (no top-k/top-p),
 one optimizer step per rollout (TRL: per_device_train_batch_size 512, num_generations 8,
 gradient_accumulation_steps 1, num_iterations 1), advantages normalized by the group's std
@@ -100,6 +100,7 @@ def run_ours(a: argparse.Namespace, work: Path) -> dict[str, Any]:
     cfg.update(run_dir=str(work / "ours"), wandb=False, init_from=str(Path(a.sft).resolve()),
                val_every=0, checkpoint_every=0)
     cfg["trainer"]["max_steps"] = a.steps  # ppo_epochs = num_minibatches = 1: one optimizer step per rollout
+    cfg["model"]["guide"] = False  # TRL's GRPOTrainer has no off-policy guidance: plain GRPO on both sides
     path = work / "ours.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     subprocess.run([sys.executable, "-m", "recipes.rl", "--config", str(path)], cwd=ROOT, env=bench_env(),
