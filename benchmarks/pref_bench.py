@@ -7,7 +7,7 @@
 
 Both sides start from the same weights: the SFT checkpoint, and its Hugging Face export
 (`gpt export --format hf`, a GPT2LMHeadModel directory with our chat template). Both train on
-the same 600 demo pairs: ours from the pairs shards (`data_prep.make_sft --kind pairs`), TRL
+the same demo pairs: ours from the pairs shards (`data_prep.make_sft --kind pairs`), TRL
 from the JSONL they were made from (TRL's explicit-prompt format: `prompt`, `chosen`,
 `rejected` message lists); the chat template renders them to the same tokens on both sides.
 Settings are those of recipes/configs/reward-tiny-cpu.yaml and dpo-tiny-cpu.yaml: the same
@@ -22,7 +22,7 @@ AutoModelForSequenceClassification(num_labels=1) of the export, which transforme
 GPT2ForSequenceClassification: the same GPT-2 body + `score` = Linear(n_embd, 1, bias=False),
 N(0, initializer_range = 0.02), read at the last non-pad token, which for a rendered
 conversation is the reply's closing <|end|>: the same head at the same token. Quality: held-out
-pair accuracy on the 100 val pairs, each side's trained model scoring chosen and rejected
+pair accuracy on all the val pairs, each side's trained model scoring chosen and rejected
 (ours through gpt.reward.RewardModel.score_texts, TRL's by its model on the template's tokens).
 
 DPO. Ours: recipes/dpo.py (gpt.dpo.DPOModule: the reference's log-probs computed once before
@@ -280,19 +280,28 @@ def _lr(kind: str) -> str:
     return f"{yaml.safe_load(CONFIGS[kind].read_text())['model']['lr']:g}"
 
 
+def n_pairs(pairs_src: str, split: str = "train") -> str:
+    """How many pairs the split's source file holds ("its" when it cannot be read)."""
+    try:
+        with open(Path(pairs_src) / f"{split}.jsonl", encoding="utf-8") as f:
+            return f"{sum(1 for line in f if line.strip()):,}"
+    except OSError:
+        return "its"
+
+
 def report(rm: Optional[dict], dpo: Optional[dict], sft_em: Optional[dict], a: argparse.Namespace, load: str) -> str:
     text = ("## Preference: recipes/reward.py and recipes/dpo.py vs TRL RewardTrainer and DPOTrainer\n\n"
             + environment() + "\n"
             f"`python -m benchmarks.pref_bench --sft {a.sft} --tokenizer {a.tokenizer} --pairs {a.pairs} --pairs_src "
             f"{a.pairs_src} --task_val {a.task_val} --rm_steps {a.rm_steps} --dpo_steps {a.dpo_steps}` on the demo's SFT "
-            "model and 600 pairs (see its docstring for the settings), 16 pairs per step. Timed: steps "
+            f"model and {n_pairs(a.pairs_src)} training pairs (see its docstring for the settings), 16 pairs per step. Timed: steps "
             f"{a.warmup + 1}-last, wall clock and the process's CPU time (all its threads; the wall clock also counts "
             f"other jobs on the shared machine: {load} at the start).\n\n")
     head = ["", "steps", "s/step", "pairs/s", "CPU s/step", "pairs/CPU s"]
     if rm:
         rows = [[name, a.rm_steps, *speed_cells(r["speed"]), f"{100 * r['accuracy']:.1f}%"] for name, r in rm.items()]
         ours, trl = (r["speed"] for r in rm.values())
-        text += (f"Reward model (lr {_lr('rm')}); accuracy = held-out pairs (100 val pairs) whose chosen reply the trained "
+        text += (f"Reward model (lr {_lr('rm')}); accuracy = held-out pairs ({n_pairs(a.pairs_src, 'val')} val pairs) whose chosen reply the trained "
                  "model scores above the rejected one:\n\n" + markdown_table(head + ["held-out pair accuracy"], rows)
                  + f"\nOurs / TRL: {ratios(ours, trl)}.\n\n")
     if dpo:
@@ -304,7 +313,7 @@ def report(rm: Optional[dict], dpo: Optional[dict], sft_em: Optional[dict], a: a
         ours, pre, nopre = (r["speed"] for r in dpo.values())
         text += (f"DPO (beta 0.1, sigmoid, lr {_lr('dpo')}); exact-match = the first {a.eval_rows} held-out task rows through "
                  "gpt.evaluate (greedy, 24 new tokens) for every model; \"reference s\" = the one-off pass over the "
-                 "pairs before the first step (ours also scores the 100 val pairs in it):\n\n"
+                 "pairs before the first step (ours also scores the val pairs in it):\n\n"
                  + markdown_table(head + ["reference s", "pairs/s incl. reference", "held-out exact-match"], rows)
                  + f"\nOurs / TRL (precompute on): {ratios(ours, pre)}.  \n"
                  f"Ours / TRL (precompute off): {ratios(ours, nopre)}.\n")
@@ -318,8 +327,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--pairs", default="runs/demo/pairs", help="our pairs shards (make_sft --kind pairs)")
     ap.add_argument("--pairs_src", default="runs/demo/pairs_src", help="train.jsonl/val.jsonl the shards were made from")
     ap.add_argument("--task_val", default="runs/demo/task/val.jsonl", help="held-out task rows for exact-match")
-    ap.add_argument("--rm_steps", type=int, default=150, help="reward model steps (reward-tiny-cpu.yaml: 150)")
-    ap.add_argument("--dpo_steps", type=int, default=100, help="DPO steps (dpo-tiny-cpu.yaml: 100)")
+    ap.add_argument("--rm_steps", type=int, help="reward model steps (default: reward-tiny-cpu.yaml's max_steps)")
+    ap.add_argument("--dpo_steps", type=int, help="DPO steps (default: dpo-tiny-cpu.yaml's max_steps)")
     ap.add_argument("--warmup", type=int, default=10, help="steps left out of the timing")
     ap.add_argument("--eval_rows", type=int, default=300)
     ap.add_argument("--only", choices=("rm", "dpo"), help="run one half")
@@ -330,6 +339,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--steps", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--precompute", type=int, default=1, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
+    for kind, attr in (("rm", "rm_steps"), ("dpo", "dpo_steps")):
+        if getattr(a, attr) is None:  # the recipe's own step count, so the comparison follows the config
+            setattr(a, attr, int(yaml.safe_load(CONFIGS[kind].read_text())["trainer"]["max_steps"]))
     if a.trl:
         trl_main(a.trl, a.hf, a.pairs_src, a.out, a.steps, bool(a.precompute))
         return
