@@ -95,10 +95,18 @@ def run_settings(group: str = "default", run_dir: Optional[str] = None, name: Op
 
 
 def _fail(e: BaseException) -> None:
-    """One line on stderr (from rank 0 only), exit status 2 on every rank."""
+    """One line on stderr (from rank 0 only), exit status 2 on every rank.
+
+    Under torch.distributed the process leaves at once (os._exit): a normal interpreter exit there
+    can die in a C++ destructor of the process group's threads, printing "terminate called without
+    an active exception" after the error line and exiting 134 (seen in CI, now and then)."""
     if rank_zero_only.rank == 0:
         lines = str(e).strip().splitlines() or [type(e).__name__]
         print(f"error: {lines[0]}", file=sys.stderr, flush=True)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(2)
     raise SystemExit(2)
 
 
