@@ -180,6 +180,8 @@ class RLModule(RolloutMetrics, L.LightningModule):
             raise ValueError("no reward: set model.reward_fn (a verifier) and/or model.reward_model")
         if guide and reward_fn is None:
             raise ValueError("model.guide replaces a reply in groups the verifier rewards nowhere: set model.reward_fn")
+        if guide and group_size < 2:  # a "group" of one: every wrong reply would become the reference (plain SFT)
+            raise ValueError("model.guide needs model.group_size >= 2: it replaces one reply of a group with no right one")
         # Dropout would make log pi(a) at sampling and at training two different random variables.
         self.config = GPTConfig.from_preset(preset, **{**(model_config or {}), "dropout": 0.0})
         self.tokenizer_json = Tokenizer.from_file(tokenizer).to_str() if tokenizer else None
@@ -383,17 +385,20 @@ class RLModule(RolloutMetrics, L.LightningModule):
         self._gen_s = time.perf_counter() - t0
         rows = [row for row in batch["rows"] for _ in range(hp.group_size)]
         rewards, verifier, rm = self.score(ro, rows)
-        guided = 0
+        guided = []
         if hp.guide:
             ro, guided = self.guide(ro, rows, verifier)
-            if guided:
-                rewards, verifier, rm = self.score(ro, rows)
+            if guided:  # score the replaced replies only (an RM pass over the whole rollout again is waste)
+                total, ver, score = self.score(ro.select(guided), [rows[i] for i in guided])
+                rewards[guided], verifier[guided] = total, ver
+                if rm is not None:
+                    rm[guided] = score
         ref = self.frozen("reference")
         ref_logp = self._scan(lambda r: response_logprobs(ref, r, hp.temperature)[0], ro)
         one_step = self.steps_per_rollout == 1 and hp.algorithm == "grpo"
         old_logp = None if one_step else self._scan(lambda r: response_logprobs(self.model, r, hp.temperature)[0], ro)
         exp = Experience(ro, rows, rewards, verifier, rm, self.weights_of(ro), old_logp, ref_logp, advantages=rewards,
-                         guided=guided)
+                         guided=len(guided))
         if hp.algorithm == "grpo":
             exp.advantages = group_advantages(rewards, hp.group_size, hp.scale_advantages)
             return exp
@@ -407,19 +412,19 @@ class RLModule(RolloutMetrics, L.LightningModule):
         exp.advantages, exp.returns, exp.old_values = adv, returns, values
         return exp
 
-    def guide(self, ro: Rollout, rows: list[dict], verifier: torch.Tensor) -> tuple[Rollout, int]:
+    def guide(self, ro: Rollout, rows: list[dict], verifier: torch.Tensor) -> tuple[Rollout, list[int]]:
         """(the rollout with each unrewarded group's last response replaced by its reference answer,
-        how many groups were). Why: a prompt the policy never answers right gives GRPO a group of
+        the rows replaced). Why: a prompt the policy never answers right gives GRPO a group of
         equal rewards, hence no gradient; the reference makes it one right answer among wrong ones."""
         G, t = self.hparams.group_size, self.template
         new = {}
         for g in range(ro.size // G):
             answer = rows[g * G].get("answer")
             if answer is not None and str(answer).strip() and float(verifier[g * G:(g + 1) * G].max()) <= 0:
-                new[g * G + G - 1] = self.tokenizer.encode(str(answer))
+                new[g * G + G - 1] = t.render_reply(str(answer))[:-1]  # the reply as SFT trains it, less <|end|>
         if not new:
-            return ro, 0
-        return replace_responses(ro, new, end_id=t.end_id, pad_id=t.pad_id), len(new)
+            return ro, []
+        return replace_responses(ro, new, end_id=t.end_id, pad_id=t.pad_id), sorted(new)
 
     def _critic_fn(self, ids: torch.Tensor, position_ids: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
         h = self.critic.backbone(ids, position_ids=position_ids, attn_mask=attn_mask, hidden=True)

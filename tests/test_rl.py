@@ -40,6 +40,7 @@ def _fit(inputs, run_dir, max_steps, data=None, ckpt_path=None, every=0, **kw):
     ({"reward_fn": "gpt.demo_task"}, "expected 'package.module:function'"),
     ({"reward_fn": "gpt.demo_task:nope"}, "has no attribute 'nope'"),
     ({"guide": True, "reward_fn": None, "reward_model": "rm.ckpt"}, "model.guide .* set model.reward_fn"),
+    ({"guide": True, "algorithm": "ppo", "group_size": 1}, "model.guide needs model.group_size >= 2"),
 ])
 def test_bad_settings_are_one_line(kw, error):
     with pytest.raises(ValueError, match=error):
@@ -55,8 +56,15 @@ def test_reward_fn_is_the_demo_verifier():
 def test_guide_puts_the_reference_answer_into_groups_the_verifier_rewards_nowhere(tmp_path, inputs):
     """A random tiny model never answers a demo row right: with model.guide every group's last
     response becomes the row's reference answer, scored 1 by the verifier, the only positive advantage."""
-    module, trainer = _fit(inputs, tmp_path / "run", 1, reward_fn="gpt.demo_task:reward", guide=True)
+    module, trainer = _fit(inputs, tmp_path / "run", 1, reward_fn="gpt.demo_task:reward", guide=True,
+                           reward_model=inputs["rm"], rm_weight=0.0)  # RM scored (logged), not in the reward
     exp, G = module.last_experience, module.hparams.group_size
+    # Only the replaced replies are scored again: every score equals a full pass over the final rollout.
+    with torch.no_grad():
+        total, verifier, rm = module.score(exp.ro, exp.rows)
+    torch.testing.assert_close(exp.rewards, total)
+    torch.testing.assert_close(exp.verifier, verifier)
+    torch.testing.assert_close(exp.rm, rm, rtol=1e-5, atol=1e-5)
     groups = exp.ro.size // G
     assert exp.guided == groups == 4
     for g in range(groups):
