@@ -37,6 +37,8 @@ def _row_pair(row: Any, where: str) -> tuple[list[dict], str]:
             raise ValueError(f"{where}: expected 'prompt' and 'response' (or 'completion'), or 'messages'; got "
                              f"{', '.join(sorted(map(str, row))) or 'no fields'}")
         prompt, response = row["prompt"], row[key]
+        if not isinstance(prompt, (str, list)):
+            raise ValueError(f"{where}: field 'prompt' is {type(prompt).__name__}, not text or a list of messages")
         msgs = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
         validate_messages(msgs)
         if not isinstance(response, str):

@@ -67,6 +67,7 @@ def test_jsonl_rows(rm_ckpt, tmp_path, capsys):
 @pytest.mark.parametrize("row, message", [
     ('{"prompt": "q"}', "in.jsonl:2: expected 'prompt' and 'response' (or 'completion'), or 'messages'; got prompt"),
     ('{"prompt": "q", "response": 5}', "in.jsonl:2: field 'response' is int, not a string"),
+    ('{"prompt": 5, "response": "a"}', "in.jsonl:2: field 'prompt' is int, not text or a list of messages"),
     ('{"messages": [{"role": "user", "content": "q"}]}', "in.jsonl:2: message 0: the conversation must end with an "
                                                          "assistant turn"),
     ('{"prompt": [{"role": "bot", "content": "q"}], "response": "a"}', "in.jsonl:2: message 0: role 'bot' is not one"),
