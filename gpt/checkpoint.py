@@ -161,6 +161,30 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
     return model.to(device).eval(), tokenizer
 
 
+def announced_heads(path: str | os.PathLike) -> dict[str, Any]:
+    """The heads besides the GPT a checkpoint announces (checkpoint["gpt"]["heads"]: a reward model's
+    "reward_head", PPO's "critic"); {} for an export directory, which holds a language model only."""
+    p = Path(path)
+    if not p.exists() or p.name in NATIVE_FILES or (p.is_dir() and not (p / "latest").is_file()):
+        return {}  # a missing path is load_model's to report
+    if p.is_dir():
+        from gpt.zero import load_meta
+
+        meta = load_meta(p)
+    else:
+        meta = _read_torch_file(p)
+    gpt_meta = meta.get("gpt") if isinstance(meta, dict) else None
+    return dict(gpt_meta.get("heads") or {}) if isinstance(gpt_meta, dict) else {}
+
+
+def refuse_reward_model(path: str | os.PathLike, what: str, why: str) -> None:
+    """CheckpointError if `path` is a reward model, where a language model is wanted. load_model reads
+    a reward model's GPT too, but its LM head stayed behind while the backbone learnt to score: as an
+    LM it is broken, and nothing would say so."""
+    if "reward_head" in announced_heads(path):
+        raise CheckpointError(f"{what}: holds a reward model (recipes/reward.py), not a language model; {why}")
+
+
 def check_vocab(tokenizer: Any, config: GPTConfig, what: str) -> None:
     """Refuse a tokenizer whose text ids reach past the model's vocabulary (one line).
 

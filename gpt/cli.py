@@ -34,7 +34,8 @@ from typing import Any, Callable, Literal, Optional
 import torch
 from jsonargparse import ArgumentParser
 
-from gpt.checkpoint import CheckpointError, check_vocab, load_model, load_tokenizer, one_line, save_model
+from gpt.checkpoint import (CheckpointError, check_vocab, load_model, load_tokenizer, one_line, refuse_reward_model,
+                            save_model)
 
 DESCRIPTION = (
     "Sample from, export and evaluate GPT checkpoints of any kind: a Lightning .ckpt, a DeepSpeed "
@@ -68,6 +69,7 @@ def _device(device: Optional[str]) -> str:
 def _model_and_tokenizer(checkpoint: str, tokenizer: Optional[str], device: Optional[str]):
     device = _device(device)  # before loading: a bad --device must not cost a model load
     override = load_tokenizer(tokenizer) if tokenizer is not None else None
+    refuse_reward_model(checkpoint, checkpoint, "score replies with it: gpt score --checkpoint ...")
     model, tok = load_model(checkpoint, device=device)
     if override is not None:
         check_vocab(override, model.config, f"--tokenizer {tokenizer}")

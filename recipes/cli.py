@@ -47,7 +47,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from gpt.callbacks import RunCheckpoint, RunMonitor, RunProgressBar, stdout_is_terminal
-from gpt.checkpoint import CheckpointError
+from gpt.checkpoint import CheckpointError, refuse_reward_model
 from gpt.precision import resolve_precision
 from gpt.resume import find_resume_checkpoint
 from gpt.run import (RunCSVLogger, RunDir, RunError, RunRecord, RunWandbLogger, atomic_write_text,
@@ -328,6 +328,9 @@ class GPTCLI(LightningCLI):
                            "loaded weights); set sharded_init: false")
         differences = compare_identity(model_identity(peek_model_config(path)),
                                        getattr(self.model, "run_identity", dict)())
+        if self.stage != "reward":
+            refuse_reward_model(path, f"--init_from {path}", f"the {self.stage} stage starts from a language model "
+                                "(after SFT: the SFT run's checkpoint)")
         if differences:
             raise RunError(f"--init_from {path}: the model shapes differ: "
                            + "; ".join(d.replace(" now", " in this run") for d in differences))

@@ -326,6 +326,20 @@ def test_init_from_any_checkpoint_kind_takes_the_weights_and_records_the_parent(
 
 
 @slow
+def test_init_from_a_reward_model_is_refused_before_anything_is_written(tmp_path, trained, shards):
+    # A reward model is a GPT too (load_model reads its backbone and LM head), but its backbone moved
+    # under the scalar head while the LM head stayed: a policy started from it would be a broken LM.
+    ck = torch.load(trained / "checkpoints" / "last.ckpt", weights_only=True)
+    ck["gpt"]["heads"] = {"reward_head": {"in_features": 32, "out_features": 1}}
+    torch.save(ck, tmp_path / "rm.ckpt")
+    cfg = write_config(tmp_path / "c.yaml", tmp_path / "run", shards, max_steps=1)
+    line = _one_error_line(run_recipe(cfg, "--init_from", str(tmp_path / "rm.ckpt"), check=False))
+    assert line == f"error: --init_from {tmp_path / 'rm.ckpt'}: holds a reward model (recipes/reward.py), not a " \
+                   "language model; the pretrain stage starts from a language model (after SFT: the SFT run's checkpoint)"
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@slow
 def test_one_wandb_run_across_restarts_with_the_full_config(tmp_path, trained):
     run = _copy_run(trained, tmp_path / "run")
     run_recipe(_cfg(trained), "--run_dir", str(run), "--ckpt_path", "last", "--trainer.max_steps", "12")

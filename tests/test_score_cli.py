@@ -89,3 +89,15 @@ def test_bad_usage_is_one_line(rm_ckpt, tmp_path, capsys):
     lm = save_model(load_model(rm_ckpt)[0], tmp_path / "lm", shakespeare_tokenizer())
     code, _, err = _run(capsys, "--checkpoint", str(lm), "--prompt", "q", "--response", "a")
     assert code == 2 and "not a reward model" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("command", ["sample", "chat", "export"])
+def test_a_reward_model_is_refused_where_a_language_model_is_wanted(rm_ckpt, tmp_path, capsys, command):
+    # load_model reads a reward model's GPT too, but its LM head did not follow the backbone: as an LM it is broken.
+    extra = {"sample": ["--prompt", "q"], "chat": [], "export": ["--out", str(tmp_path / "out")]}[command]
+    with pytest.raises(SystemExit) as e:
+        main([command, "--checkpoint", str(rm_ckpt), *extra])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1
+    assert f"gpt: error: {rm_ckpt}: holds a reward model (recipes/reward.py), not a language model" in err
+    assert not (tmp_path / "out").exists()
