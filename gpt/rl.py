@@ -132,8 +132,9 @@ class RLModule(RolloutMetrics, L.LightningModule):
             loss's weight. gamma, lam: GAE. whiten_advantages: PPO advantages whitened over the global batch.
         scale_advantages: GRPO divides by the group's std (False: mean-centred only, Dr. GRPO).
         guide: off-policy guidance: in a group where no response earns a verifier reward > 0, the last
-            response is replaced by the row's reference answer (its "answer"; rows without one are
-            left alone) before the advantages are computed. Logged as train/guided.
+            response is replaced by the row's reference answer (its "answer"; rows without one, or with
+            one longer than max_new_tokens allows, are left alone) before the advantages are computed.
+            Logged as train/guided.
         loss_norm: token (sum over the minibatch's tokens / their count) or sequence (per-response means).
         ppo_epochs, num_minibatches: passes over each rollout, optimizer steps per pass.
         micro_batch_size: sequences per forward/backward (None: the whole minibatch).
@@ -420,8 +421,11 @@ class RLModule(RolloutMetrics, L.LightningModule):
         new = {}
         for g in range(ro.size // G):
             answer = rows[g * G].get("answer")
-            if answer is not None and str(answer).strip() and float(verifier[g * G:(g + 1) * G].max()) <= 0:
-                new[g * G + G - 1] = t.render_reply(str(answer))[:-1]  # the reply as SFT trains it, less <|end|>
+            if answer is None or not str(answer).strip() or float(verifier[g * G:(g + 1) * G].max()) > 0:
+                continue
+            ids = t.render_reply(str(answer))[:-1]  # the reply as SFT trains it, less <|end|>
+            if len(ids) < self.hparams.max_new_tokens:  # longer than any reply the policy may sample: left out
+                new[g * G + G - 1] = ids
         if not new:
             return ro, []
         return replace_responses(ro, new, end_id=t.end_id, pad_id=t.pad_id), sorted(new)

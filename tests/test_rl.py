@@ -75,6 +75,9 @@ def test_guide_puts_the_reference_answer_into_groups_the_verifier_rewards_nowher
         assert exp.advantages[last] > 0 and (exp.advantages[g * G:last] < 0).all()
     logged = trainer.callback_metrics
     assert float(logged["train/guided"]) == 1.0
+    # A reference longer than any reply the policy may sample (its reply + <|end|> past max_new_tokens) is left out.
+    module, _ = _fit(inputs, tmp_path / "short", 1, reward_fn="gpt.demo_task:reward", guide=True, max_new_tokens=1)
+    assert module.last_experience.guided == 0
     # Without guidance the same rollout has no rewarded response: every advantage is 0, nothing to learn.
     module, _ = _fit(inputs, tmp_path / "plain", 1, reward_fn="gpt.demo_task:reward")
     assert module.last_experience.guided == 0 and module.last_experience.verifier.sum() == 0
