@@ -49,7 +49,6 @@ adaptive KL coefficient is checkpointed.
 from __future__ import annotations
 
 import importlib
-import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -64,9 +63,9 @@ from gpt.lm import log_at_step
 from gpt.model import GPT
 from gpt.optim import LRSchedule, Schedule, param_groups
 from gpt.rl_metrics import RolloutMetrics
-from gpt.rl_models import begin_micro_step, freeze, gathered_copy
-from gpt.rl_losses import (AdaptiveKLController, KLEstimator, gae, group_advantages, grpo_loss, kl_estimate,
-                           ppo_policy_loss, value_loss)
+from gpt.rl_models import begin_micro_step, freeze, gathered_copy, same_weights
+from gpt.rl_losses import (AdaptiveKLController, KLEstimator, gae, global_whiten, group_advantages, grpo_loss,
+                           kl_estimate, ppo_policy_loss, value_loss)
 from gpt.run import load_initial_weights, model_identity
 from gpt.rollout import (Rollout, derive_seed, forward_rollout, last_token_index, replace_responses,
                          response_logprobs, response_values, sample_rollout)
@@ -195,6 +194,7 @@ class RLModule(RolloutMetrics, L.LightningModule):
         self.reference_path: Optional[str] = reference
         # Not submodules (a plain dict): never in the optimizer, the checkpoint or a strategy's wrapping.
         self._frozen: dict[str, Any] = {}  # "reference", "reward"
+        self._fingerprints: dict[str, str] = {}  # theirs: recorded in each checkpoint, checked on resume
         self._aux: dict[str, Any] = {}     # "generation": ZeRO-3's gathered policy copy, "val": the model validation samples
         self._tok: Optional[Tokenizer] = None
         self._template: Optional[ChatTemplate] = None
@@ -305,6 +305,9 @@ class RLModule(RolloutMetrics, L.LightningModule):
             if tok is not None and tok.content_hash != self.tokenizer.content_hash:
                 raise ValueError(f"model.reward_model {self.hparams.reward_model}: trained with another tokenizer")
         if model is not None:
+            what = f"model.reference {self.reference_path}" if name == "reference" else \
+                f"model.reward_model {self.hparams.reward_model}"
+            self._fingerprints[name] = same_weights(model, self._fingerprints.get(name), what)
             model = self._freeze(model)
         self._frozen[name] = model
         return model
@@ -409,7 +412,7 @@ class RLModule(RolloutMetrics, L.LightningModule):
         token_rewards[torch.arange(ro.size, device=self.device), ro.lengths - 1] += rewards
         adv, returns = gae(token_rewards, values, mask, hp.gamma, hp.lam)
         if hp.whiten_advantages:
-            adv = self._global_whiten(adv, mask)
+            adv = global_whiten(adv, mask, self.trainer.strategy.reduce)
         exp.advantages, exp.returns, exp.old_values = adv, returns, values
         return exp
 
@@ -433,13 +436,6 @@ class RLModule(RolloutMetrics, L.LightningModule):
     def _critic_fn(self, ids: torch.Tensor, position_ids: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
         h = self.critic.backbone(ids, position_ids=position_ids, attn_mask=attn_mask, hidden=True)
         return self.critic.head(h).squeeze(-1)
-
-    def _global_whiten(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        sums = torch.stack([mask.sum(), (x * mask).sum(), (x * x * mask).sum()]).double()
-        n, s, sq = self.trainer.strategy.reduce(sums, reduce_op="sum").tolist()
-        mean = s / max(n, 1.0)
-        var = max(sq / max(n, 1.0) - mean * mean, 0.0)
-        return (x - mean) / math.sqrt(var + 1e-8) * mask
 
     # ---- optimization -------------------------------------------------------------------
     def training_step(self, batch: dict[str, list], batch_idx: int) -> None:
@@ -586,11 +582,12 @@ class RLModule(RolloutMetrics, L.LightningModule):
         checkpoint["gpt"] = {"model_config": self.config.to_dict(), "tokenizer": self.tokenizer_json}
         if self.critic is not None:
             checkpoint["gpt"]["heads"] = {"critic": {"kind": "value model"}}
-        checkpoint["rl"] = {"reference": self.reference_path, "kl_coef": self.kl_coef}
+        checkpoint["rl"] = {"reference": self.reference_path, "kl_coef": self.kl_coef, "frozen": dict(self._fingerprints)}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("rl") or {}
         self.reference_path = self.hparams.reference or state.get("reference")
+        self._fingerprints = dict(state.get("frozen") or {})
         if self.kl is not None and "kl_coef" in state:
             self.kl.value = float(state["kl_coef"])
 

@@ -19,6 +19,7 @@ loss term).
 """
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -47,6 +48,15 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, 
     if not shift_mean:
         out = out + mean
     return out * mask
+
+
+def global_whiten(x: torch.Tensor, mask: torch.Tensor, reduce) -> torch.Tensor:
+    """masked_whiten over every rank's x: `reduce` sums a tensor across ranks (strategy.reduce)."""
+    sums = torch.stack([mask.sum(), (x * mask).sum(), (x * x * mask).sum()]).double()
+    n, s, sq = reduce(sums, reduce_op="sum").tolist()
+    mean = s / max(n, 1.0)
+    var = max(sq / max(n, 1.0) - mean * mean, 0.0)
+    return (x - mean) / math.sqrt(var + 1e-8) * mask
 
 
 def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, kind: KLEstimator = "k3") -> torch.Tensor:

@@ -1,21 +1,26 @@
 """The models an RL step uses besides the trained policy, and DeepSpeed's micro-step bookkeeping.
 
     frozen = freeze(load_model(path)[0], trainer, device, dtype, zero3=True)   # reference / reward model
+    fp = same_weights(model, recorded_fp, "model.reward_model PATH")            # a resume keeps its frozen models
     policy_copy = gathered_copy(engine_module, config, device, previous_copy)  # what ZeRO-3 samples from
 
 Frozen models (the reference policy, the reward model) are in eval mode with requires_grad off, in
 the training precision; under ZeRO-3 each is partitioned by its own DeepSpeed inference engine with
 the policy's ZeRO settings, so it never holds a full copy. Rollouts under ZeRO-3 are sampled from a
 full copy of the policy refreshed once per rollout, one parameter gathered at a time, so generation
-never gathers layers token by token. Used by gpt/rl.py.
+never gathers layers token by token. A run records each frozen model's weight fingerprint in its
+checkpoints, and a resume whose reference or reward model has other weights (the file retrained in
+place, another path) is refused: the objective would change under the run. Used by gpt/rl.py.
 """
 from __future__ import annotations
 
+import hashlib
 from typing import Any, Optional
 
 import lightning as L
 import torch
 
+from gpt.checkpoint import CheckpointError
 from gpt.config import GPTConfig
 from gpt.model import GPT
 
@@ -39,6 +44,28 @@ def freeze(model: torch.nn.Module, trainer: L.Trainer, device: torch.device, def
         engine, *_ = deepspeed.initialize(model=model, config=cfg)
         model = engine.module
     return model
+
+
+def fingerprint(model: torch.nn.Module, samples: int = 4096) -> str:
+    """A hash of the weights: each tensor's name, shape, dtype and up to `samples` evenly spaced
+    values, so that it costs little at any size yet changes when a model is trained further."""
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        flat = t.detach().reshape(-1)
+        picked = flat[::max(1, flat.numel() // samples)][:samples].to("cpu", torch.float32)
+        h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
+        h.update(picked.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def same_weights(model: torch.nn.Module, recorded: Optional[str], what: str) -> str:
+    """`model`'s fingerprint; CheckpointError if the run's checkpoint recorded another one."""
+    got = fingerprint(model)
+    if recorded is not None and got != recorded:
+        raise CheckpointError(f"{what}: not the weights this run trained against (fingerprint {got}, the checkpoint "
+                              f"recorded {recorded}); a resume keeps its frozen models: to use these, start a new run "
+                              "with --init_from the checkpoint")
+    return got
 
 
 def gathered_copy(model: torch.nn.Module, config: GPTConfig, device: torch.device, copy: Optional[GPT]) -> GPT:

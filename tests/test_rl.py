@@ -169,6 +169,40 @@ def test_resume_continues_exactly(tmp_path, inputs):
     assert module.reference_path == inputs["sft"]
 
 
+def test_resume_keeps_its_frozen_models_by_their_weights_not_their_paths(tmp_path, inputs):
+    """A checkpoint records the reference's and the reward model's fingerprints; a resume with other
+    weights (retrained in place, another file) is refused, the same file moved elsewhere is not."""
+    import shutil
+
+    from gpt.checkpoint import CheckpointError, save_model
+    from gpt.config import GPTConfig
+    from gpt.model import GPT
+    from tests.rl_fixtures import write_reward_model
+
+    kw = dict(group_size=2, micro_batch_size=3, reward_model=inputs["rm"], rm_weight=0.5)
+    _fit(inputs, tmp_path / "run", 2, every=2, **kw)
+    ckpt = str(next((tmp_path / "run" / "checkpoints").glob("*step=2*.ckpt")))
+    assert set(torch.load(ckpt, weights_only=True)["rl"]["frozen"]) == {"reference", "reward"}
+    other_rm = write_reward_model(tmp_path / "rm2.ckpt", seed=2)
+    torch.manual_seed(5)
+    save_model(GPT(GPTConfig.from_preset("tiny", **TINY)), tmp_path / "sft2")
+    moved = str(shutil.copy(inputs["rm"], tmp_path / "moved.ckpt"))
+
+    def resume(name, **override):
+        module = rl_module(inputs, **{**kw, **override})
+        module.init_from = None
+        rl_trainer(tmp_path / name, max_steps=4).fit(module, prompt_data(inputs), ckpt_path=ckpt)
+        return module
+
+    for name, override, what in (("rm", {"reward_model": other_rm}, f"model.reward_model {other_rm}"),
+                                 ("ref", {"reference": str(tmp_path / "sft2")}, f"model.reference {tmp_path / 'sft2'}")):
+        with pytest.raises(CheckpointError, match="not the weights this run trained against") as e:
+            resume(name, **override)
+        assert str(e.value).startswith(what + ": ") and "\n" not in str(e.value)
+    module = resume("moved", reward_model=moved)
+    assert module.trainer.global_step == 4
+
+
 # ---- PPO ----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def ppo_run(inputs, tmp_path_factory):
