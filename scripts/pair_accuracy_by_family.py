@@ -6,7 +6,8 @@
 Reads data_prep.make_demo_pairs' JSONL (prompt / chosen / rejected message lists plus `family` and
 `rejected_source`), scores chosen and rejected with the reward model (gpt.reward, the chat
 template), and prints the share ranked right per family and per rejected source (sampled from
-the policy, or a synthetic hard negative). Used for docs/LOG.md 2026-11-29 (night).
+the policy, or a synthetic hard negative) and per system prompt (or none). Used for docs/LOG.md
+2026-11-29 (night, and the fourth session).
 """
 from __future__ import annotations
 
@@ -31,7 +32,9 @@ def main() -> None:
     rejected = model.score_texts(tok, prompts, [r["rejected"][-1]["content"] for r in rows], batch_size=64)
     right = collections.defaultdict(list)
     for r, c, x in zip(rows, chosen, rejected):
-        for key in ("all", f"family {r.get('family', '?')}", f"rejected {r.get('rejected_source', '?')}"):
+        first = r["prompt"][0]
+        system = f"system {first['content'][:40]}" if first["role"] == "system" else "system (none)"
+        for key in ("all", f"family {r.get('family', '?')}", f"rejected {r.get('rejected_source', '?')}", system):
             right[key].append(c > x)
     for key, hits in sorted(right.items()):
         print(f"{key:28s} {sum(hits) / len(hits):.3f}  (n={len(hits)})")
