@@ -187,7 +187,7 @@ def make_demo_pairs(checkpoint: str, out: str, val_file: Optional[str] = None, t
     """
     import torch
 
-    from gpt.checkpoint import load_model
+    from gpt.checkpoint import load_model, refuse_reward_model
     from gpt.evaluate import generate_replies
 
     for name, v, low in (("--train_prompts", train_prompts, 1), ("--val_prompts", val_prompts, 0),
@@ -196,6 +196,7 @@ def make_demo_pairs(checkpoint: str, out: str, val_file: Optional[str] = None, t
         if v < low:
             raise ValueError(f"{name} must be >= {low}, got {v}")
     keys, prompts = held_out(val_file) if val_file else (set(), set())
+    refuse_reward_model(checkpoint, f"--checkpoint {checkpoint}", "the pairs are the SFT model's own samples")
     model, tok = load_model(checkpoint, device=device)
     if tok is None:
         raise ValueError(f"{checkpoint}: holds no tokenizer (the chat template needs one)")

@@ -118,10 +118,11 @@ def main(checkpoint: str, n: int = 300, split: Literal["train", "val"] = "val", 
         device: where the model runs.
         json: also write the result (with the checkpoint, split, n and seed) to this JSON file, atomically.
     """
-    from gpt.checkpoint import CheckpointError, load_model
+    from gpt.checkpoint import CheckpointError, load_model, refuse_reward_model
     from gpt.demo_task import make_rows
 
     try:
+        refuse_reward_model(checkpoint, checkpoint, "exact match is measured on a language model's replies")
         model, tokenizer = load_model(checkpoint, device=device)
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -108,3 +108,15 @@ def test_sampled_replies_are_seeded_and_training_mode_is_restored(tok):
     assert model.training  # dropout was off while sampling, and training mode is back
     with pytest.raises(ValueError, match="no rows"):
         exact_match(model, tok, [])
+
+
+def test_cli_refuses_a_reward_model(tmp_path, capsys):
+    from gpt.evaluate import main
+    from tests.rl_fixtures import write_reward_model
+
+    rm = write_reward_model(tmp_path / "rm.ckpt")
+    with pytest.raises(SystemExit) as e:
+        main(rm)
+    assert e.value.code == 1
+    assert capsys.readouterr().err == f"error: {rm}: holds a reward model (recipes/reward.py), not a language " \
+                                      "model; exact match is measured on a language model's replies\n"

@@ -122,3 +122,11 @@ def test_cli_errors_are_one_line(demo, tmp_path, capsys):
         main(["--checkpoint", str(tmp_path / "nope"), "--out", str(tmp_path)])
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "no such file or directory" in err and err.count("\n") == 1
+    from tests.rl_fixtures import write_reward_model  # a reward model is not the policy to sample
+
+    rm = write_reward_model(tmp_path / "rm.ckpt")
+    with pytest.raises(SystemExit):
+        main(["--checkpoint", rm, "--out", str(tmp_path / "out")])
+    assert capsys.readouterr().err == f"error: --checkpoint {rm}: holds a reward model (recipes/reward.py), not a " \
+                                      "language model; the pairs are the SFT model's own samples\n"
+    assert not (tmp_path / "out").exists()
