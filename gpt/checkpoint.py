@@ -166,13 +166,16 @@ def announced_heads(path: str | os.PathLike) -> dict[str, Any]:
     "reward_head", PPO's "critic"); {} for an export directory, which holds a language model only."""
     p = Path(path)
     if not p.exists() or p.name in NATIVE_FILES or (p.is_dir() and not (p / "latest").is_file()):
-        return {}  # a missing path is load_model's to report
-    if p.is_dir():
-        from gpt.zero import load_meta
+        return {}
+    try:
+        if p.is_dir():
+            from gpt.zero import load_meta
 
-        meta = load_meta(p)
-    else:
-        meta = _read_torch_file(p)
+            meta = load_meta(p)
+        else:
+            meta = _read_torch_file(p)
+    except Exception:  # noqa: BLE001 -- an unreadable checkpoint is load_model's to name, in its words
+        return {}
     gpt_meta = meta.get("gpt") if isinstance(meta, dict) else None
     return dict(gpt_meta.get("heads") or {}) if isinstance(gpt_meta, dict) else {}
 

@@ -58,11 +58,14 @@ def dtype_for_vocab(vocab_size: int) -> str:
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write via `path.tmp` + rename; on failure (e.g. a full disk) no `.tmp` is left behind."""
+    """Write via a temporary `path.<pid>-<random>.tmp` + rename; on failure (e.g. a full disk) no
+    `.tmp` is left behind. The temporary name is the writer's own: two processes writing the same
+    file at once (two Slurm jobs of a pipeline rewriting its summary) each rename a complete file,
+    the last one wins; with one shared `path.tmp` the slower one's rename found nothing (ENOENT)."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}-{os.urandom(4).hex()}.tmp")
     try:
-        with open(tmp, "wb") as f:
+        with open(tmp, "xb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
