@@ -370,12 +370,13 @@ def read_marker(pipe: Pipeline, name: str) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write a text file via a temporary name and a rename (gpt.shards' writer), creating its folder."""
+def atomic_write_text(path: str | os.PathLike, text: str, unique: bool = False) -> None:
+    """Write a text file via a temporary name and a rename (gpt.shards' writer), creating its folder;
+    unique: for a file that parallel jobs rewrite (see gpt.shards.atomic_write_bytes)."""
     from gpt.shards import atomic_write_bytes  # numpy only: the runner stays light (no torch import)
 
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, text.encode("utf-8"))
+    atomic_write_bytes(path, text.encode("utf-8"), unique=unique)
 
 
 def write_marker(pipe: Pipeline, name: str, record: dict[str, Any]) -> None:

@@ -198,6 +198,8 @@ def markdown(summary: dict[str, Any]) -> str:
 def write_summary(pipe: Pipeline, summary: dict[str, Any]) -> tuple[Path, Path]:
     """DIR/summary.json and DIR/summary.md, each written atomically."""
     js, md = Path(pipe.dir) / "summary.json", Path(pipe.dir) / "summary.md"
-    atomic_write_text(js, json.dumps(summary, indent=1) + "\n")
-    atomic_write_text(md, markdown(summary))
+    # unique temporary names: stages that do not read each other finish as parallel Slurm jobs,
+    # and each rewrites the summary at its end
+    atomic_write_text(js, json.dumps(summary, indent=1) + "\n", unique=True)
+    atomic_write_text(md, markdown(summary), unique=True)
     return js, md

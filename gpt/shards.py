@@ -57,15 +57,18 @@ def dtype_for_vocab(vocab_size: int) -> str:
     return "uint16" if vocab_size <= 2**16 else "uint32"
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write via a temporary `path.<pid>-<random>.tmp` + rename; on failure (e.g. a full disk) no
-    `.tmp` is left behind. The temporary name is the writer's own: two processes writing the same
-    file at once (two Slurm jobs of a pipeline rewriting its summary) each rename a complete file,
-    the last one wins; with one shared `path.tmp` the slower one's rename found nothing (ENOENT)."""
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, unique: bool = False) -> None:
+    """Write via `path.tmp` + rename; on failure (e.g. a full disk) no `.tmp` is left behind.
+
+    unique: a temporary name of this writer's own (`path.<pid>-<random>.tmp`), for a file that
+    several processes may rewrite at once (the pipeline's summary, by parallel Slurm jobs): each
+    renames a complete file and the last one wins, where a shared `path.tmp` let one writer rename
+    (or truncate) the other's. Without it, a writer killed mid-write leaves `path.tmp`, which the
+    next write replaces; a unique name left by a kill stays until removed."""
     path = Path(path)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}-{os.urandom(4).hex()}.tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}-{os.urandom(4).hex()}.tmp" if unique else path.name + ".tmp")
     try:
-        with open(tmp, "xb") as f:
+        with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())

@@ -193,7 +193,7 @@ def test_atomic_write_failure_leaves_old_file_and_no_tmp(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["manifest.json"] and target.read_text() == "old"
 
 
-def test_concurrent_atomic_writes_each_rename_their_own_file(tmp_path, monkeypatch):
+def test_concurrent_unique_atomic_writes_each_rename_their_own_file(tmp_path, monkeypatch):
     # Two Slurm jobs of a pipeline rewrite DIR/summary.md at once: with one shared `summary.md.tmp`
     # the second writer's rename took the first one's file and the first rename failed (ENOENT).
     from gpt.shards import atomic_write_bytes
@@ -203,9 +203,9 @@ def test_concurrent_atomic_writes_each_rename_their_own_file(tmp_path, monkeypat
     def interleaved(src, dst):
         if not calls:  # the first writer is about to rename: a second one writes the same file meanwhile
             calls.append(src)
-            atomic_write_bytes(target, b"second")
+            atomic_write_bytes(target, b"second", unique=True)
         real(src, dst)
 
     monkeypatch.setattr(os, "replace", interleaved)
-    atomic_write_bytes(target, b"first")
+    atomic_write_bytes(target, b"first", unique=True)
     assert target.read_bytes() == b"first" and [p.name for p in tmp_path.iterdir()] == ["summary.md"]
