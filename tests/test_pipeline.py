@@ -369,3 +369,25 @@ def test_the_eta_is_not_thrown_by_a_short_stage(tmp_path):
     assert 0.75 < runner.scale() < 1.0  # ...barely moves the estimate of a 4-minute pretraining
     runner.measured = [600.0, 200.0]  # stages that ran 3x their estimates: the rest will too, roughly
     assert 2.5 < runner.scale() <= 3.0
+
+
+def test_summaries_written_by_parallel_jobs_do_not_collide(tmp_path, monkeypatch):
+    """On Slurm, stages that do not read each other finish as parallel jobs, and each rewrites the
+    summary: a second write between the first one's write and rename must not make it fail."""
+    from types import SimpleNamespace
+
+    from gpt.pipeline_summary import write_summary
+
+    assert run(write_config(tmp_path)) == 0
+    pipe, s, real, calls = SimpleNamespace(dir=tmp_path / "out"), summary(tmp_path), os.replace, []
+
+    def interleaved(src, dst):
+        if not calls:
+            calls.append(src)
+            write_summary(pipe, s)  # the other job
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", interleaved)
+    write_summary(pipe, s)
+    assert json.loads((tmp_path / "out" / "summary.json").read_text()) == s
+    assert not list((tmp_path / "out").glob("*.tmp"))
