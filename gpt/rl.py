@@ -58,6 +58,7 @@ import lightning as L
 import torch
 
 from gpt.chat import ChatTemplate
+from gpt.checkpoint import CheckpointError, announced_heads
 from gpt.config import GPTConfig
 from gpt.lm import log_at_step
 from gpt.model import GPT
@@ -244,6 +245,15 @@ class RLModule(RolloutMetrics, L.LightningModule):
         if longest is not None and longest + reply > self.config.block_size:
             raise ValueError(f"data.max_prompt_tokens {longest} + a reply of up to {reply} tokens is past the model's "
                              f"block_size {self.config.block_size}; lower one of them")
+        for flag in ("reward_model", "critic"):  # refused now, not at the first rollout after the run has started
+            path = getattr(hp, flag, None)
+            if path and "reward_head" not in announced_heads(path):
+                from gpt.reward import load_reward_model
+
+                try:
+                    load_reward_model(path)  # its one line: no such file, unreadable, or a language model
+                except CheckpointError as e:
+                    raise CheckpointError(f"model.{flag} {e}") from None
         if hasattr(datamodule, "steps_per_rollout"):
             datamodule.steps_per_rollout = k
 

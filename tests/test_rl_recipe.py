@@ -84,6 +84,21 @@ def test_intervals_that_split_a_rollout_are_refused_in_one_line(tmp_path, inputs
     assert "error: --checkpoint_every 2 is not a multiple of the optimizer steps per rollout, 4" in p.stderr
 
 
+@pytest.mark.parametrize("what", ["language model", "missing"])
+def test_a_wrong_reward_model_is_refused_before_the_run_starts(tmp_path, inputs, what):
+    # Before: the first rollout refused it, after the run directory and the W&B run existed.
+    rm = inputs["sft"] if what == "language model" else str(tmp_path / "nowhere.ckpt")
+    cfg = write_rl_config(tmp_path / "c.yaml", tmp_path / "run", inputs, max_steps=4, checkpoint_every=4,
+                          algorithm="ppo", reward_model=rm)
+    p = _run(cfg, check=False)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    last = p.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: model.reward_model {rm}"), last
+    assert ("not a reward model" in last) if what == "language model" else ("nowhere.ckpt" in last), last
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").rglob("*.ckpt"))
+    assert not (tmp_path / "run" / "run.json").exists()
+
+
 # ---- slow: training runs ----------------------------------------------------------------------
 @slow
 def test_grpo_raises_the_reward_and_the_held_out_reward(tmp_path, inputs):
