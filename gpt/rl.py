@@ -58,13 +58,12 @@ import lightning as L
 import torch
 
 from gpt.chat import ChatTemplate
-from gpt.checkpoint import CheckpointError, announced_heads
 from gpt.config import GPTConfig
 from gpt.lm import log_at_step
 from gpt.model import GPT
 from gpt.optim import LRSchedule, Schedule, param_groups
 from gpt.rl_metrics import RolloutMetrics
-from gpt.rl_models import begin_micro_step, freeze, gathered_copy, same_weights
+from gpt.rl_models import begin_micro_step, check_reward_model, freeze, gathered_copy, same_weights
 from gpt.rl_losses import (AdaptiveKLController, KLEstimator, gae, global_whiten, group_advantages, grpo_loss,
                            kl_estimate, ppo_policy_loss, value_loss)
 from gpt.run import load_initial_weights, model_identity
@@ -246,14 +245,7 @@ class RLModule(RolloutMetrics, L.LightningModule):
             raise ValueError(f"data.max_prompt_tokens {longest} + a reply of up to {reply} tokens is past the model's "
                              f"block_size {self.config.block_size}; lower one of them")
         for flag in ("reward_model", "critic"):  # refused now, not at the first rollout after the run has started
-            path = getattr(hp, flag, None)
-            if path and "reward_head" not in announced_heads(path):
-                from gpt.reward import load_reward_model
-
-                try:
-                    load_reward_model(path)  # its one line: no such file, unreadable, or a language model
-                except CheckpointError as e:
-                    raise CheckpointError(f"model.{flag} {e}") from None
+            check_reward_model(f"model.{flag}", getattr(hp, flag, None))
         if hasattr(datamodule, "steps_per_rollout"):
             datamodule.steps_per_rollout = k
 
