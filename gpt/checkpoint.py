@@ -140,8 +140,13 @@ def save_model(model: GPT, out_dir: str | os.PathLike, tokenizer: Any = None) ->
 
 
 # ---- loading -----------------------------------------------------------------------------
-def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[GPT, Any]:
-    """(GPT in eval mode on `device`, gpt.tokenizer.Tokenizer or None) from any known checkpoint."""
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", *,
+               reward_model_ok: bool = False) -> tuple[GPT, Any]:
+    """(GPT in eval mode on `device`, gpt.tokenizer.Tokenizer or None) from any known checkpoint.
+
+    A reward model's checkpoint holds a GPT too, but its LM head stayed behind while the backbone
+    learnt to score: it is refused unless `reward_model_ok` (its backbone is wanted, as by
+    gpt.reward.load_reward_model or a reward model's --init_from)."""
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"{p}: no such file or directory")
@@ -158,6 +163,9 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
         raise CheckpointError(f"{p}: {one_line(e)}") from None
     if tokenizer is not None:
         check_vocab(tokenizer, model.config, f"{p}: the checkpoint's tokenizer")
+    if not reward_model_ok:
+        refuse_reward_model(p, str(p), "a language model is wanted here (a reward model is read with "
+                            "gpt.reward.load_reward_model, or scores replies with gpt score)")
     return model.to(device).eval(), tokenizer
 
 

@@ -71,6 +71,7 @@ class CausalLMModule(L.LightningModule):
     """
 
     init_from: Optional[str] = None  # set by the recipe (--init_from) on a fresh run; see configure_model
+    init_from_reward_model_ok = False  # a reward model's GPT is no language model (gpt.checkpoint.load_model)
 
     def __init__(self, preset: Preset = "tiny", model_config: Optional[dict[str, Any]] = None,
                  tokenizer: Optional[str] = None, lr: float = 3e-4, weight_decay: float = 0.1,
@@ -95,7 +96,7 @@ class CausalLMModule(L.LightningModule):
         if self.model is None:
             self.model = GPT(self.config)
             if self.init_from:  # a new run from another run's weights: before any strategy wraps them
-                load_initial_weights(self.model, self.init_from)
+                load_initial_weights(self.model, self.init_from, reward_model_ok=self.init_from_reward_model_ok)
             if self.hparams.compile:
                 self.model.compile()  # in place: state_dict keys keep the `model.` prefix
 

@@ -161,7 +161,7 @@ def load_reward_model(path: str | os.PathLike, device: str | torch.device = "cpu
     anything else (a language model checkpoint, a head of the wrong shape) is one CheckpointError line.
     """
     p = Path(path)
-    backbone, tokenizer = load_model(p)  # every check of a backbone checkpoint; the head is left out
+    backbone, tokenizer = load_model(p, reward_model_ok=True)  # every check of a backbone checkpoint; the head is left out
     try:
         state, spec = _head_state(p)
     except CheckpointError:
@@ -190,6 +190,8 @@ class RewardModule(PairModule):
             describe the --init_from checkpoint's shape).
         margin: the Bradley-Terry margin: the loss asks r_chosen - r_rejected >= margin (0: plain BT).
     """
+
+    init_from_reward_model_ok = True  # --init_from another reward model: its backbone (the head starts anew)
 
     def __init__(self, preset: str = "tiny", model_config: Optional[dict[str, Any]] = None,
                  tokenizer: Optional[str] = None, lr: float = 1e-4, weight_decay: float = 0.0,

@@ -63,7 +63,7 @@ from gpt.lm import log_at_step
 from gpt.model import GPT
 from gpt.optim import LRSchedule, Schedule, param_groups
 from gpt.rl_metrics import RolloutMetrics
-from gpt.rl_models import begin_micro_step, check_reward_model, freeze, gathered_copy, same_weights
+from gpt.rl_models import begin_micro_step, check_frozen_sources, freeze, gathered_copy, same_weights
 from gpt.rl_losses import (AdaptiveKLController, KLEstimator, gae, global_whiten, group_advantages, grpo_loss,
                            kl_estimate, ppo_policy_loss, value_loss)
 from gpt.run import load_initial_weights, model_identity
@@ -244,8 +244,7 @@ class RLModule(RolloutMetrics, L.LightningModule):
         if longest is not None and longest + reply > self.config.block_size:
             raise ValueError(f"data.max_prompt_tokens {longest} + a reply of up to {reply} tokens is past the model's "
                              f"block_size {self.config.block_size}; lower one of them")
-        for flag in ("reward_model", "critic"):  # refused now, not at the first rollout after the run has started
-            check_reward_model(f"model.{flag}", getattr(hp, flag, None))
+        check_frozen_sources(hp.reference, hp.reward_model, hp.critic)  # now, not at the first rollout
         if hasattr(datamodule, "steps_per_rollout"):
             datamodule.steps_per_rollout = k
 

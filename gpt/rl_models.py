@@ -2,7 +2,7 @@
 
     frozen = freeze(load_model(path)[0], trainer, device, dtype, zero3=True)   # reference / reward model
     fp = same_weights(model, recorded_fp, "model.reward_model PATH")            # a resume keeps its frozen models
-    check_reward_model("model.reward_model", path)   # before the run starts: one line unless a reward model
+    check_frozen_sources(reference, reward_model, critic)  # before the run starts: one line if a path is wrong
     policy_copy = gathered_copy(engine_module, config, device, previous_copy)  # what ZeRO-3 samples from
 
 Frozen models (the reference policy, the reward model) are in eval mode with requires_grad off, in
@@ -21,7 +21,7 @@ from typing import Any, Optional
 import lightning as L
 import torch
 
-from gpt.checkpoint import CheckpointError, announced_heads
+from gpt.checkpoint import CheckpointError, announced_heads, refuse_reward_model
 from gpt.config import GPTConfig
 from gpt.model import GPT
 
@@ -47,16 +47,21 @@ def freeze(model: torch.nn.Module, trainer: L.Trainer, device: torch.device, def
     return model
 
 
-def check_reward_model(flag: str, path: Optional[str]) -> None:
-    """CheckpointError naming `flag` unless `path` (if set) is a reward model: read whole only when its
-    metadata does not say so, for load_reward_model's own line (no such file, unreadable, an LM)."""
-    if path and "reward_head" not in announced_heads(path):
-        from gpt.reward import load_reward_model
+def check_frozen_sources(reference: Optional[str], reward_model: Optional[str], critic: Optional[str]) -> None:
+    """One CheckpointError line naming the flag, before a run starts, unless model.reference (if set)
+    is a language model and model.reward_model / model.critic (if set) are reward models. A reward
+    model is read whole only when its metadata does not say so, for load_reward_model's own line
+    (no such file, unreadable, a language model)."""
+    if reference:
+        refuse_reward_model(reference, f"model.reference {reference}", "the reference is a language model")
+    for flag, path in (("model.reward_model", reward_model), ("model.critic", critic)):
+        if path and "reward_head" not in announced_heads(path):
+            from gpt.reward import load_reward_model
 
-        try:
-            load_reward_model(path)
-        except CheckpointError as e:
-            raise CheckpointError(f"{flag} {e}") from None
+            try:
+                load_reward_model(path)
+            except CheckpointError as e:
+                raise CheckpointError(f"{flag} {e}") from None
 
 
 def fingerprint(model: torch.nn.Module, samples: int = 4096) -> str:

@@ -209,15 +209,16 @@ def peek_model_config(path: str | os.PathLike) -> dict[str, Any]:
         raise RunError(f"{p}: not a checkpoint with a model config ({_one_line(e)})") from None
 
 
-def load_initial_weights(model: torch.nn.Module, path: str | os.PathLike) -> None:
+def load_initial_weights(model: torch.nn.Module, path: str | os.PathLike, reward_model_ok: bool = False) -> None:
     """Copy the weights of any checkpoint kind (gpt.checkpoint.load_model) into `model`, in place.
 
     The caller checked the shapes (peek_model_config); under ZeRO-3 call it before the strategy
-    partitions the model (a module's configure_model).
+    partitions the model (a module's configure_model). A reward model's backbone only where
+    reward_model_ok (a reward model's own --init_from): elsewhere its LM head is stale.
     """
     from gpt.checkpoint import load_model
 
-    source, _ = load_model(path)
+    source, _ = load_model(path, reward_model_ok=reward_model_ok)
     with torch.no_grad():
         model.load_state_dict(source.state_dict(), strict=True)
 

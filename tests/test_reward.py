@@ -129,8 +129,10 @@ def test_checkpoint_round_trip(trained, pairs_dir, tok, tmp_path):
         want = live.score(b["input_ids"], b["last_index"], b["position_ids"], b["attn_mask"])
         got = rm.score(b["input_ids"], b["last_index"], b["position_ids"], b["attn_mask"])
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
-    # every other loader sees the backbone, a plain GPT
-    backbone, _ = load_model(ckpt)
+    # load_model refuses it as a language model (its LM head is stale) and reads the backbone when asked to
+    with pytest.raises(CheckpointError, match="holds a reward model .*, not a language model; a language model is wanted"):
+        load_model(ckpt)
+    backbone, _ = load_model(ckpt, reward_model_ok=True)
     for (k, v), (k2, v2) in zip(backbone.state_dict().items(), module.model.state_dict().items()):
         assert k == k2 and torch.equal(v, v2)
     # a language model's checkpoint is not a reward model
@@ -181,6 +183,8 @@ def test_zero3_reward_model_checkpoint_loads(tmp_path, pairs_dir, tok_path):
     with torch.no_grad():
         got = rm.score(b["input_ids"], b["last_index"])
     torch.testing.assert_close(got, torch.load(out / "scores.pt", weights_only=True), rtol=0, atol=1e-5)
-    backbone, _ = load_model(ckpt)
+    with pytest.raises(CheckpointError, match="holds a reward model"):
+        load_model(ckpt)
+    backbone, _ = load_model(ckpt, reward_model_ok=True)
     assert all(torch.equal(a, c) for a, c in zip(backbone.state_dict().values(), rm.backbone.state_dict().values()))
     assert len(csv_metrics(out, "train/accuracy")) == 2

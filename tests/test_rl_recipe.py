@@ -99,6 +99,17 @@ def test_a_wrong_reward_model_is_refused_before_the_run_starts(tmp_path, inputs,
     assert not (tmp_path / "run" / "run.json").exists()
 
 
+def test_a_reward_model_as_the_reference_is_refused_before_the_run_starts(tmp_path, inputs):
+    # Before: load_model read the reward model's GPT, whose LM head is stale, and the KL ran against it.
+    cfg = write_rl_config(tmp_path / "c.yaml", tmp_path / "run", inputs, max_steps=2, reference=inputs["rm"])
+    p = _run(cfg, check=False)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert p.stderr.strip().splitlines()[-1] == (
+        f"error: model.reference {inputs['rm']}: holds a reward model (recipes/reward.py), not a language model; "
+        "the reference is a language model")
+    assert not (tmp_path / "run" / "run.json").exists()
+
+
 # ---- slow: training runs ----------------------------------------------------------------------
 @slow
 def test_grpo_raises_the_reward_and_the_held_out_reward(tmp_path, inputs):

@@ -86,7 +86,7 @@ def test_bad_usage_is_one_line(rm_ckpt, tmp_path, capsys):
     assert code == 2 and "--response is missing" in err
     code, _, err = _run(capsys, "--checkpoint", str(rm_ckpt), "--prompt", "q", "--response", "a", "--input", "x.jsonl")
     assert code == 2 and "give --prompt and --response, or --input FILE (not both)" in err
-    lm = save_model(load_model(rm_ckpt)[0], tmp_path / "lm", shakespeare_tokenizer())
+    lm = save_model(load_model(rm_ckpt, reward_model_ok=True)[0], tmp_path / "lm", shakespeare_tokenizer())
     code, _, err = _run(capsys, "--checkpoint", str(lm), "--prompt", "q", "--response", "a")
     assert code == 2 and "not a reward model" in err and err.count("\n") == 1
 
