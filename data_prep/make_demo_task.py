@@ -1,12 +1,13 @@
 """Write the verifiable demo task (gpt.demo_task) as JSONL files in TRL's conversational format.
 
-    python -m data_prep.make_demo_task --out runs/demo/task --train 20000 --val 500 --post 5000 --seed 0
+    python -m data_prep.make_demo_task --out runs/demo/task --train 20000 --val 500 --post 5000 --dev 500 --seed 0
 
-writes DIR/train.jsonl, DIR/val.jsonl and DIR/post.jsonl, one row per line:
+writes DIR/train.jsonl, DIR/val.jsonl, DIR/post.jsonl and DIR/dev.jsonl, one row per line:
     {"messages": [{"role": "user", "content": "What is the smaller number, 1 or 7?"}, {"role": "assistant", "content": "1"}],
      "family": "compare", "answer": "1", "split": "train", "template": "compare/7", "key": "pair|1|7"}
 and prints the rows per family. "val" holds the held-out phrasings and values (the evaluation);
-"post" the prompts of the preference pairs and RL: training values in phrasings no other file uses. Each file is
+"post" the prompts of the preference pairs and RL: training values in phrasings no other file uses; "dev"
+held-out values in phrasings of its own, for choosing settings without reading "val". Each file is
 written to a temporary name and renamed, so an interrupted run never leaves a half file.
 """
 from __future__ import annotations
@@ -31,19 +32,20 @@ def write_jsonl(rows: list[dict], path: Path) -> None:
     os.replace(tmp, path)
 
 
-def make_demo_task(out: str, train: int = 20000, val: int = 500, post: int = 5000, seed: int = 0,
+def make_demo_task(out: str, train: int = 20000, val: int = 500, post: int = 5000, dev: int = 500, seed: int = 0,
                    families: Optional[list[str]] = None) -> dict[str, Counter]:
-    """Write DIR/train.jsonl, DIR/val.jsonl and DIR/post.jsonl; return the rows per family of each split.
+    """Write DIR/train.jsonl, DIR/val.jsonl, DIR/post.jsonl and DIR/dev.jsonl; return the rows per family of each split.
 
     Args:
         out: output directory (created).
         train: rows in train.jsonl (training phrasings and values).
         val: rows in val.jsonl (held-out phrasings and values).
         post: rows in post.jsonl (training values, phrasings of their own: RL and preference prompts).
+        dev: rows in dev.jsonl (held-out values, phrasings of their own: for tuning, so that val is read once).
         seed: the generator's seed; the same seed gives the same files.
         families: a subset of the families (default: all, in turn).
     """
-    sizes = {"train": train, "val": val, "post": post}
+    sizes = {"train": train, "val": val, "post": post, "dev": dev}
     for name, n in ((f"--{k}", v) for k, v in sizes.items()):
         if n < 0:
             raise ValueError(f"{name} must be >= 0, got {n}")
@@ -55,10 +57,11 @@ def make_demo_task(out: str, train: int = 20000, val: int = 500, post: int = 500
         write_jsonl(rows, d / f"{split}.jsonl")
         counts[split] = Counter(r["family"] for r in rows)
     names = families or list(FAMILIES)
-    print(f"wrote {d}/train.jsonl ({train} rows), {d}/val.jsonl ({val} rows) and {d}/post.jsonl ({post} rows), "
-          f"seed {seed}")
+    print(f"wrote {d}/train.jsonl ({train} rows), {d}/val.jsonl ({val} rows), {d}/post.jsonl ({post} rows) and "
+          f"{d}/dev.jsonl ({dev} rows), seed {seed}")
     for f in names:
-        print(f"  {f:<12} train {counts['train'][f]:>6}  val {counts['val'][f]:>5}  post {counts['post'][f]:>5}")
+        print(f"  {f:<12} train {counts['train'][f]:>6}  val {counts['val'][f]:>5}  post {counts['post'][f]:>5}  "
+              f"dev {counts['dev'][f]:>5}")
     return counts
 
 

@@ -30,6 +30,11 @@ prompts) learn from rewards on questions the SFT model was never shown answers t
 (docs/LOG.md, 2026-11-29 evening): GRPO on the SFT rows' own phrasings (memorized: 73% exact
 match there, 56% held out) left held-out exact match flat; on "post" prompts it rose.
 
+The development split ("dev") asks about held-out values in a fourth set of phrasings (and
+system prompts): it is for choosing settings and comparing variants, so that "val" is read once
+per result, not tuned on. (Its values are val's: the held-out value space is small, and neither
+split is ever trained on.)
+
 Exact match is the metric. `check` compares after `normalize`: case, runs of whitespace,
 surrounding quotes and trailing ".", "!" or "?" are ignored — nothing else. A reply that
 wraps the right value in a sentence ("The answer is 19.") is wrong: the task teaches bare
@@ -44,9 +49,10 @@ import re
 from dataclasses import dataclass
 from typing import Callable, Literal, Optional
 
-Split = Literal["train", "val", "post"]
-SPLITS = ("train", "val", "post")
-VALUE_SPLIT = {"train": "train", "val": "val", "post": "train"}  # "post" asks about training values
+Split = Literal["train", "val", "post", "dev"]
+SPLITS = ("train", "val", "post", "dev")
+# "post" asks about training values; "dev" about held-out ones (the same value space as "val": neither is trained on)
+VALUE_SPLIT = {"train": "train", "val": "val", "post": "train", "dev": "val"}
 VAL_SHARE = 0.2  # share of value keys held out
 
 # Nouns that are one token with and without a leading space in the demo tokenizer, so copying
@@ -59,6 +65,7 @@ SYSTEM_PROMPTS = {
               "You are a concise assistant. Reply with the answer only."),
     "val": ("Reply briefly.", "You are an assistant that answers in as few words as possible."),
     "post": ("Keep it short.", "You are a chat assistant. Give only the answer."),
+    "dev": ("Give short answers.", "You are a helpful assistant. Keep your replies as short as possible."),
 }
 SYSTEM_SHARE = 0.25
 ACKS = ("OK.", "Got it.", "Noted.", "Sure.")
@@ -119,7 +126,8 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
         "post": ('Print the word "{words}".', 'Just say "{words}".',
                  'Repeat "{words}" back to me.', 'Output this word: "{words}"',
                  'Type "{words}".', 'Reply with the word "{words}".',
-                 'Give me back this word: "{words}"', 'Write down "{words}".')},
+                 'Give me back this word: "{words}"', 'Write down "{words}".'),
+        "dev": ('Repeat this word back: "{words}"', 'Can you say "{words}"?', 'Write the word "{words}" for me.')},
         _word("copy", lambda rng, w: "")),
     Family("first_last", {
         "train": ('What is the {pos} word in "{words}"?', 'Which word comes {pos} in "{words}"?',
@@ -131,7 +139,9 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
         "post": ('Return the {pos} word of "{words}".', 'From "{words}", give me the {pos} word.',
                  'What word is {pos} in "{words}"?', 'Point out the {pos} word in "{words}".',
                  'Tell me which word is {pos} in "{words}".', 'Look at "{words}". Which word is {pos}?',
-                 'I say "{words}". What is the {pos} word?', 'Pick the {pos} word from "{words}".')},
+                 'I say "{words}". What is the {pos} word?', 'Pick the {pos} word from "{words}".'),
+        "dev": ('Of the words "{words}", which is {pos}?', 'Say which word is {pos}: "{words}"',
+                'Give me the {pos} word from "{words}".')},
         _word_list(2, 3, lambda w, f: w[0] if f["pos"] == "first" else w[-1], pos=("first", "last"))),
     Family("count", {
         "train": ('How many words are in "{words}"?', 'Count the words: "{words}"',
@@ -143,7 +153,9 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
         "post": ('Count the number of words in "{words}".', 'What is the number of words in "{words}"?',
                  'How many words appear in "{words}"?', 'Word count for "{words}"?',
                  'How many words does "{words}" have?', 'Count them: "{words}"',
-                 'Tell me the number of words in "{words}".', 'I wrote "{words}". How many words is that?')},
+                 'Tell me the number of words in "{words}".', 'I wrote "{words}". How many words is that?'),
+        "dev": ('How many words are there in "{words}"?', 'Count up the words in "{words}".',
+                'Tell me the word count of "{words}".')},
         _word_list(1, 4, lambda w, f: str(len(w)))),
     Family("compare", {
         "train": ("Which is {rel}, {a} or {b}?", "Which number is {rel}: {a} or {b}?", "{a} or {b}: which is {rel}?",
@@ -155,7 +167,9 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
         "post": ("Which one is {rel}: {a} or {b}?", "Say the {rel} number of {a} and {b}.",
                  "I have {a} and {b}. Which is {rel}?", "Choose the {rel}: {a} or {b}.",
                  "Out of {a} and {b}, which is {rel}?", "Which is the {rel} one, {a} or {b}?",
-                 "Give the {rel} of {a} and {b}.", "{a} and {b}: name the {rel}.")},
+                 "Give the {rel} of {a} and {b}.", "{a} and {b}: name the {rel}."),
+        "dev": ("Tell me which is {rel}: {a} or {b}.", "Which is {rel} of the two, {a} or {b}?",
+                "Look at {a} and {b}. Which one is {rel}?")},
         _compare),
     Family("lookup", {
         "train": ('In the list "{table}", what is {key}?', "Given {table}. What is {key}?",
@@ -167,7 +181,9 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
         "post": ("Table: {table}. What is {key}?", 'What value does {key} have in "{table}"?',
                  'Read "{table}" and tell me {key}.', "Given the list {table}, what number is {key}?",
                  "Here: {table}. Which number is {key}?", 'In the table "{table}", what is {key}?',
-                 "Tell me {key} from this list: {table}.", "The list is {table}. What number is {key}?")},
+                 "Tell me {key} from this list: {table}.", "The list is {table}. What number is {key}?"),
+        "dev": ('In "{table}", what number does {key} have?', "Here are the values: {table}. What is {key}?",
+                'What does {key} equal in "{table}"?')},
         _lookup),
     Family("recall", {
         "train": ('Remember the word "{words}".|What was the word?', 'Please remember this: "{words}".|Tell me the word.',
@@ -183,7 +199,9 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
                  'Remember this word: "{words}".|What was it?',
                  'Please keep "{words}" in mind.|Which word did I ask you to keep in mind?',
                  'Today\'s word is "{words}".|What is today\'s word?',
-                 'Store the word "{words}".|What word did you store?', 'I choose "{words}".|What did I choose?')},
+                 'Store the word "{words}".|What word did you store?', 'I choose "{words}".|What did I choose?'),
+        "dev": ('The word to remember is "{words}".|What was the word to remember?',
+                'Keep "{words}" in memory.|What word is in your memory?', 'I will say a word: "{words}".|What word did I say?')},
         _word("recall", lambda rng, w: rng.choice(ACKS)), turns=2),
     Family("followup", {
         "train": ('Say "{words}".|Say it again.', 'Repeat after me: "{words}"|Once more, please.',
@@ -195,7 +213,9 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
         "post": ('Say "{words}", please.|Say it once more.', 'Echo the word "{words}".|Repeat it.',
                  'Write "{words}".|What did you write?', 'Please repeat "{words}".|Again, please.',
                  'Repeat "{words}".|Repeat it again.', 'Just type "{words}".|Type it once more.',
-                 'Please echo "{words}".|Echo it again.', 'Say the word "{words}", please.|What did you say?')},
+                 'Please echo "{words}".|Echo it again.', 'Say the word "{words}", please.|What did you say?'),
+        "dev": ('Say the word "{words}" now.|Say it one more time.', 'Can you type "{words}"?|Type it again.',
+                'Repeat this: "{words}"|What was your reply?')},
         _word("followup", lambda rng, w: w), turns=2),
 ]}
 

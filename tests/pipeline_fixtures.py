@@ -68,6 +68,7 @@ def shrunk_pipeline(out: Path, pretrain_steps: int = 12, slurm: bool = False) ->
                 _set(cmd, "--train", 400)
                 _set(cmd, "--val", 60)
                 _set(cmd, "--post", 200)
+                _set(cmd, "--dev", 60)
             if "data_prep.make_demo_pairs" in cmd:
                 for option, value in (("--train_prompts", 24), ("--val_prompts", 8), ("--samples", 2),
                                       ("--max_new_tokens", 8), ("--pairs_per_prompt", 1)):

@@ -48,7 +48,7 @@ def expected_answer(row: dict) -> str:
 def test_templates_never_contain_task_words_and_counts():
     for fam in FAMILIES.values():
         assert len(fam.templates["train"]) >= 8 and len(fam.templates["val"]) >= 3, fam.name
-        assert len(fam.templates["post"]) >= 3, fam.name
+        assert len(fam.templates["post"]) >= 3 and len(fam.templates["dev"]) >= 3, fam.name
         for a, b in itertools.combinations(SPLITS, 2):
             assert not set(fam.templates[a]) & set(fam.templates[b]), (fam.name, a, b)
         for t in sum((fam.templates[s] for s in SPLITS), ()):
@@ -58,7 +58,7 @@ def test_templates_never_contain_task_words_and_counts():
         assert not set(SYSTEM_PROMPTS[a]) & set(SYSTEM_PROMPTS[b])
 
 
-@pytest.mark.parametrize("split", ["train", "val", "post"])
+@pytest.mark.parametrize("split", ["train", "val", "post", "dev"])
 def test_rows_are_valid_conversations_with_the_right_answer(split):
     rows = make_rows(600, split, seed=1)
     assert {r["family"] for r in rows} == set(FAMILIES)
@@ -123,10 +123,29 @@ def test_post_split_asks_training_values_in_unseen_phrasings():
     assert digest == "87ebd0552368c7e2178d066333fdeea65bcb82adeb592c32787dad79d25499cd"
 
 
+def test_dev_split_asks_held_out_values_in_phrasings_of_its_own():
+    """For tuning: held-out values (never trained on) in phrasings and system prompts no other split uses;
+    and adding it changed no row of the other splits (the digests of the files earlier runs used)."""
+    rows = {s: make_rows(n, s, seed=0) for s, n in (("train", 5000), ("val", 1000), ("post", 3000), ("dev", 1000))}
+    templates = lambda rows: {r["template"] for r in rows}
+    others = set().union(*(templates(rows[s]) for s in ("train", "val", "post")))
+    assert not templates(rows["dev"]) & others
+    assert len(templates(rows["dev"])) == sum(len(f.templates["dev"]) for f in FAMILIES.values())
+    user = lambda rows: {m["content"] for r in rows for m in r["messages"] if m["role"] == "user"}
+    assert not user(rows["dev"]) & set().union(*(user(rows[s]) for s in ("train", "val", "post")))
+    keys = lambda s: {r["key"] for r in rows[s]}
+    assert not keys("dev") & (keys("train") | keys("post")) and keys("dev") & keys("val")
+    systems = {r["messages"][0]["content"] for r in rows["dev"] if r["messages"][0]["role"] == "system"}
+    assert systems == set(SYSTEM_PROMPTS["dev"])
+    digest = lambda rows: hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16]
+    assert {s: digest(make_rows(500, s, seed=0)) for s in ("train", "val", "post")} == \
+        {"train": "9e9de4c7daca0a8e", "val": "9bd706798e67eaa6", "post": "771828c0798330e5"}
+
+
 def test_unknown_family_and_split():
     with pytest.raises(ValueError, match=r"^unknown demo task families \['nope'\]"):
         make_rows(3, "train", families=["nope"])
-    with pytest.raises(ValueError, match=r"^split must be one of train, val, post, got 'test'$"):
+    with pytest.raises(ValueError, match=r"^split must be one of train, val, post, dev, got 'test'$"):
         make_row("copy", "test", random.Random(0))
 
 
@@ -149,17 +168,18 @@ def test_normalize():
 
 
 def test_make_demo_task_writes_jsonl(tmp_path, capsys):
-    counts = make_demo_task(str(tmp_path / "t"), train=40, val=20, post=14, seed=3)
+    counts = make_demo_task(str(tmp_path / "t"), train=40, val=20, post=14, dev=7, seed=3)
     lines = (tmp_path / "t" / "train.jsonl").read_text().splitlines()
     assert [json.loads(x) for x in lines] == make_rows(40, "train", 3)
     assert [json.loads(x) for x in (tmp_path / "t" / "val.jsonl").read_text().splitlines()] == make_rows(20, "val", 3)
     assert [json.loads(x) for x in (tmp_path / "t" / "post.jsonl").read_text().splitlines()] == make_rows(14, "post", 3)
+    assert [json.loads(x) for x in (tmp_path / "t" / "dev.jsonl").read_text().splitlines()] == make_rows(7, "dev", 3)
     assert counts["train"]["copy"] == 6 and counts["val"]["copy"] == 3 and sum(counts["train"].values()) == 40
     out = capsys.readouterr().out
-    assert "train.jsonl (40 rows)" in out and re.search(r"copy +train +6 +val +3 +post +2", out)
-    assert sorted(p.name for p in (tmp_path / "t").iterdir()) == ["post.jsonl", "train.jsonl", "val.jsonl"]
+    assert "train.jsonl (40 rows)" in out and re.search(r"copy +train +6 +val +3 +post +2 +dev +1", out)
+    assert sorted(p.name for p in (tmp_path / "t").iterdir()) == ["dev.jsonl", "post.jsonl", "train.jsonl", "val.jsonl"]
     first = (tmp_path / "t" / "train.jsonl").read_bytes()
-    make_demo_task(str(tmp_path / "t"), train=40, val=20, post=14, seed=3)
+    make_demo_task(str(tmp_path / "t"), train=40, val=20, post=14, dev=7, seed=3)
     assert (tmp_path / "t" / "train.jsonl").read_bytes() == first
 
 

@@ -83,6 +83,27 @@ def test_the_demo_post_trains_on_prompts_sft_never_saw():
     for name in ("rl-tiny-cpu.yaml", "rl-ppo-tiny-cpu.yaml"):
         data = yaml.safe_load((ROOT / "recipes" / "configs" / name).read_text())["data"]
         assert data["data"] == "runs/demo/task/post.jsonl", name
+        assert data["val_data"] == "runs/demo/task/dev.jsonl", name
+
+
+def test_the_stages_validate_on_dev_and_val_is_read_once_per_stage():
+    """In-training validation (what one watches and tunes on) reads the dev split; the held-out test
+    split (val) is scored once per stage, by gpt.evaluate (its own rows: gpt.demo_task "val")."""
+    from recipes.pipeline import parser
+    cfg = parser().parse_args(["--config", str(ROOT / "recipes" / "configs" / "pipeline-tiny-cpu.yaml")])
+    pipe = build(cfg.stages, cfg.dir, cfg.group)
+    words = lambda name: [str(w) for c in [pipe.step(name).args, *pipe.step(name).commands] for w in c]
+    assert f"{cfg.dir}/task/dev.jsonl" in words("rl") and f"{cfg.dir}/task/val.jsonl" not in words("rl")
+    assert f"{cfg.dir}/task/dev.jsonl" in words("sft_data") and f"{cfg.dir}/task/val.jsonl" not in words("sft_data")
+    task = " ".join(words("task"))
+    assert "--dev 500" in task and "--val 500" in task
+    for name in ("sft-tiny-cpu.yaml", "dpo-tiny-cpu.yaml"):
+        callbacks = yaml.safe_load((ROOT / "recipes" / "configs" / name).read_text())["trainer"]["callbacks"]
+        (chat_eval,) = [c for c in callbacks if c["class_path"] == "gpt.chat_eval.ChatEval"]
+        assert chat_eval["init_args"]["data"] == "runs/demo/task/dev.jsonl", name
+    for name in ("sft", "dpo", "rl"):
+        (evaluate,) = [c for c in pipe.step(name).commands if "gpt.evaluate" in c]
+        assert "--rows" not in evaluate and "--data" not in evaluate  # gpt.evaluate's own held-out rows
 
 
 def test_every_pipeline_config_builds():
