@@ -23,7 +23,9 @@ teach on questions whose answers SFT never showed; `--train_split train` asks in
 own phrasings, which the SFT model has memorized), checked against the held-out evaluation file `--val_file`: a train prompt whose value key or prompt text occurs there
 is dropped and counted (by the task's construction none should). Validation pairs come from the
 val split (held-out phrasings and values): they measure a reward model or DPO on what neither
-trained on, and are never trained on.
+trained on, and are never trained on. With --dev_prompts, DIR/dev.jsonl holds pairs from the dev
+split (held-out values, phrasings of its own): the pairs a reward model or DPO validates on while it
+trains, so that the val pairs are read once, at the end (`gpt score --pairs`).
 
 Output (each file written to a temporary name and renamed): DIR/train.jsonl and DIR/val.jsonl
 in TRL's explicit-prompt conversational format, which data_prep.make_sft --kind pairs reads:
@@ -164,8 +166,9 @@ def disjoint(rows: list[dict], keys: set[str], prompts: set[str]) -> tuple[list[
 def make_demo_pairs(checkpoint: str, out: str, val_file: Optional[str] = None, train_prompts: int = 600,
                     val_prompts: int = 100, samples: int = 4, temperature: float = 1.0, top_k: Optional[int] = None,
                     max_new_tokens: int = 24, pairs_per_prompt: int = 1, seed: int = 1, batch_size: int = 128,
-                    train_split: Literal["post", "train"] = "post", device: str = "cpu") -> dict[str, Any]:
-    """Sample, label and pair; write DIR/train.jsonl, DIR/val.jsonl and DIR/summary.json.
+                    train_split: Literal["post", "train"] = "post", dev_prompts: int = 0,
+                    device: str = "cpu") -> dict[str, Any]:
+    """Sample, label and pair; write DIR/train.jsonl, DIR/val.jsonl, DIR/dev.jsonl (with --dev_prompts) and DIR/summary.json.
 
     Args:
         checkpoint: the SFT model (any checkpoint kind gpt.checkpoint.load_model reads, with its tokenizer).
@@ -183,6 +186,8 @@ def make_demo_pairs(checkpoint: str, out: str, val_file: Optional[str] = None, t
         batch_size: prompts per generate call.
         train_split: the demo task's split of the training prompts: "post" (phrasings of their own)
             or "train" (the SFT data's phrasings).
+        dev_prompts: prompts of the task's dev split (held-out values, phrasings of its own) for
+            DIR/dev.jsonl: pairs to validate on while training, so that val.jsonl is read once.
         device: where the model runs.
     """
     import torch
@@ -190,7 +195,7 @@ def make_demo_pairs(checkpoint: str, out: str, val_file: Optional[str] = None, t
     from gpt.checkpoint import load_model, refuse_reward_model
     from gpt.evaluate import generate_replies
 
-    for name, v, low in (("--train_prompts", train_prompts, 1), ("--val_prompts", val_prompts, 0),
+    for name, v, low in (("--train_prompts", train_prompts, 1), ("--val_prompts", val_prompts, 0), ("--dev_prompts", dev_prompts, 0),
                          ("--samples", samples, 1), ("--pairs_per_prompt", pairs_per_prompt, 1),
                          ("--max_new_tokens", max_new_tokens, 1), ("--batch_size", batch_size, 1)):
         if v < low:
@@ -206,15 +211,17 @@ def make_demo_pairs(checkpoint: str, out: str, val_file: Optional[str] = None, t
                                "top_k": top_k, "seed": seed, "val_file": val_file, "splits": {}}
     d = Path(out)
     d.mkdir(parents=True, exist_ok=True)
-    for split, n in (("train", train_prompts), ("val", val_prompts)):
-        rows = make_rows(n, train_split if split == "train" else "val", seed)
+    for split, n in (("train", train_prompts), ("val", val_prompts), ("dev", dev_prompts)):
+        if split == "dev" and not n:
+            continue
+        rows = make_rows(n, train_split if split == "train" else split, seed)
         dropped = 0
         if split == "train":
             rows, dropped = disjoint(rows, keys, prompts)
         convs = [prompt_messages(r) for r in rows for _ in range(samples)]
         with torch.no_grad():
             replies = generate_replies(model, tok, convs, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                       temperature=temperature, top_k=top_k, seed=seed * 1000 + (split == "val"))
+                                       temperature=temperature, top_k=top_k, seed=seed * 1000 + ("train", "val", "dev").index(split))
         texts = [[replies[i * samples + j].text for j in range(samples)] for i in range(len(rows))]
         pairs, counts = pair_rows(rows, texts, rng, pairs_per_prompt)
         counts["prompts"], counts["dropped_overlapping_val_file"] = len(rows), dropped

@@ -2,6 +2,7 @@
 
     gpt score --checkpoint runs/demo/reward/checkpoints/last.ckpt --prompt "What is 2 + 3?" --response "5"
     gpt score --checkpoint RM --input replies.jsonl --output scored.jsonl
+    gpt score --checkpoint RM --pairs runs/demo/pairs_src/val.jsonl --json acc.json   # pair accuracy
 
 Input rows (JSONL, one object per line) take one of TRL's shapes:
     {"prompt": "What is 2 + 3?", "response": "5"}                 (or "completion" for "response")
@@ -11,6 +12,12 @@ and come back with a "score" field added (all other fields kept), in input order
 (written to a temporary name and renamed) or stdout. A bad row is one `gpt: error: FILE:LINE: ...`
 line and nothing is written. The rendering is the chat template's, as the reward model was trained
 (gpt.reward.RewardModel.score_texts); the model is any checkpoint gpt.reward.load_reward_model reads.
+
+--pairs FILE reads preference rows, {"prompt": text or messages, "chosen": ..., "rejected": ...}
+(each reply a string or a message list ending in the assistant's turn: data_prep.make_demo_pairs'
+files, TRL's explicit-prompt form), and prints the share ranked right (chosen scored above
+rejected) and the mean margin; --json writes them too. This is how a pipeline reads a reward
+model's held-out pair accuracy once, after training validated on another split.
 """
 from __future__ import annotations
 
@@ -70,6 +77,67 @@ def read_rows(path: str) -> list[dict]:
     return rows
 
 
+def _reply(row: dict, key: str, where: str) -> str:
+    reply = row.get(key)
+    if isinstance(reply, list) and reply and isinstance(reply[-1], dict) and reply[-1].get("role") == "assistant":
+        reply = reply[-1].get("content")
+    if not isinstance(reply, str):
+        raise ValueError(f"{where}: field {key!r} must be a string or a message list ending in the assistant's turn")
+    return reply
+
+
+def read_pairs(path: str) -> list[tuple[list[dict], str, str]]:
+    """(prompt messages, chosen reply, rejected reply) per line of a preference JSONL file."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"--pairs {p}: no such file")
+    pairs = []
+    with open(p, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{p}:{lineno}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: not JSON ({e.msg})") from None
+            if not isinstance(row, dict) or "prompt" not in row:
+                raise ValueError(f"{where}: expected an object with 'prompt', 'chosen' and 'rejected'")
+            chosen, rejected = _reply(row, "chosen", where), _reply(row, "rejected", where)
+            msgs, _ = _row_pair({"prompt": row["prompt"], "response": chosen}, where)
+            pairs.append((msgs, chosen, rejected))
+    if not pairs:
+        raise ValueError(f"{p}: no rows")
+    return pairs
+
+
+def _pair_accuracy(model: Any, tok: Any, pairs: list[tuple[list[dict], str, str]], batch_size: int) -> dict[str, Any]:
+    prompts = [m for m, _, _ in pairs]
+    chosen = model.score_texts(tok, prompts, [c for _, c, _ in pairs], batch_size=batch_size)
+    rejected = model.score_texts(tok, prompts, [r for _, _, r in pairs], batch_size=batch_size)
+    margins = [c - r for c, r in zip(chosen, rejected)]
+    return {"pair_accuracy": sum(m > 0 for m in margins) / len(margins), "pairs": len(margins),
+            "margin_mean": sum(margins) / len(margins)}
+
+
+def score_pairs(checkpoint: str, pairs: str, json_path: Optional[str], batch_size: int, device: str) -> dict[str, Any]:
+    """`gpt score --pairs`: the reward model's pair accuracy and mean margin on a preference file."""
+    from gpt.reward import load_reward_model
+
+    rows = read_pairs(pairs)  # a bad file fails before the model is loaded
+    model, tok = load_reward_model(checkpoint, device=device)
+    if tok is None:
+        raise ValueError(f"{checkpoint}: holds no tokenizer (the chat template needs one)")
+    result = {"checkpoint": str(checkpoint), "pairs_file": str(pairs), **_pair_accuracy(model, tok, rows, batch_size)}
+    print(f"gpt score: pair accuracy {100 * result['pair_accuracy']:.1f}% of {result['pairs']} pairs "
+          f"(chosen scored above rejected), mean margin {result['margin_mean']:.4g}")
+    if json_path:
+        from gpt.shards import atomic_write_bytes
+
+        atomic_write_bytes(json_path, (json.dumps(result, indent=2) + "\n").encode())
+    return result
+
+
 def _write(rows: list[dict], output: Optional[str]) -> None:
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     if output in (None, "-"):
@@ -95,7 +163,8 @@ def _umask() -> int:
 
 def score(checkpoint: str, prompt: Optional[str] = None, response: Optional[str] = None,
           input: Optional[str] = None, output: Optional[str] = None, system: Optional[str] = None,
-          batch_size: int = 32, device: Optional[str] = None) -> None:
+          pairs: Optional[str] = None, json: Optional[str] = None, batch_size: int = 32,
+          device: Optional[str] = None) -> None:
     """Score (prompt, response) pairs with a reward model: one pair from the options, or a JSONL file.
 
     Args:
@@ -106,12 +175,23 @@ def score(checkpoint: str, prompt: Optional[str] = None, response: Optional[str]
             for "response"), or {"messages": [..., the assistant turn to score]}.
         output: where the input rows go with a "score" field added (JSONL, written atomically); default stdout.
         system: a system turn put before --prompt.
+        pairs: a preference JSONL file (prompt, chosen, rejected): prints the pair accuracy and mean margin.
+        json: with --pairs, also write them to this JSON file (atomically).
         batch_size: rows per forward pass.
         device: cpu, cuda, cuda:1, mps; default cuda when available.
     """
     from gpt.cli import _device, _utf8
     from gpt.reward import load_reward_model
 
+    if pairs is not None:
+        if input is not None or prompt is not None or response is not None:
+            raise ValueError("give --pairs FILE alone (not with --input, --prompt or --response)")
+        if batch_size < 1:
+            raise ValueError(f"--batch_size must be >= 1, got {batch_size}")
+        score_pairs(checkpoint, pairs, json, batch_size, _device(device))
+        return
+    if json is not None:
+        raise ValueError("--json goes with --pairs")
     if (input is None) == (prompt is None and response is None):
         raise ValueError("give --prompt and --response, or --input FILE (not both)")
     if input is None and (prompt is None or response is None):

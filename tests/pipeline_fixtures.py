@@ -70,7 +70,7 @@ def shrunk_pipeline(out: Path, pretrain_steps: int = 12, slurm: bool = False) ->
                 _set(cmd, "--post", 200)
                 _set(cmd, "--dev", 60)
             if "data_prep.make_demo_pairs" in cmd:
-                for option, value in (("--train_prompts", 24), ("--val_prompts", 8), ("--samples", 2),
+                for option, value in (("--train_prompts", 24), ("--val_prompts", 8), ("--dev_prompts", 6), ("--samples", 2),
                                       ("--max_new_tokens", 8), ("--pairs_per_prompt", 1)):
                     _set(cmd, option, value)
     return cfg

@@ -111,6 +111,23 @@ def test_end_to_end_through_pairs_data_prep(demo, capsys):
                             val_prompts=6, samples=2, max_new_tokens=6, seed=3)
     assert again["splits"] == s["splits"]
     assert (tmp / "again" / "train.jsonl").read_bytes() == (tmp / "out" / "train.jsonl").read_bytes()
+    assert not (tmp / "out" / "dev.jsonl").exists()
+
+
+def test_dev_pairs_come_from_the_dev_split_and_change_no_other_file(demo):
+    tmp, ckpt, _ = demo
+    kw = dict(val_file=str(tmp / "task" / "val.jsonl"), train_prompts=12, val_prompts=6, samples=2, max_new_tokens=6,
+              seed=3)
+    without = make_demo_pairs(str(ckpt), str(tmp / "a"), **kw)
+    with_dev = make_demo_pairs(str(ckpt), str(tmp / "b"), dev_prompts=5, **kw)
+    for name in ("train.jsonl", "val.jsonl"):
+        assert (tmp / "a" / name).read_bytes() == (tmp / "b" / name).read_bytes(), name
+    assert {k: v for k, v in with_dev["splits"].items() if k != "dev"} == without["splits"]
+    rows = [json.loads(line) for line in (tmp / "b" / "dev.jsonl").read_text().splitlines()]
+    dev = make_rows(5, "dev", 3)
+    assert len(rows) == with_dev["splits"]["dev"]["pairs"] == 5
+    assert [r["prompt"] for r in rows] == [prompt_messages(x) for x in dev]
+    assert all(r["key"] == x["key"] for r, x in zip(rows, dev))
 
 
 def test_cli_errors_are_one_line(demo, tmp_path, capsys):

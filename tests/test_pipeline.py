@@ -104,6 +104,13 @@ def test_the_stages_validate_on_dev_and_val_is_read_once_per_stage():
     for name in ("sft", "dpo", "rl"):
         (evaluate,) = [c for c in pipe.step(name).commands if "gpt.evaluate" in c]
         assert "--rows" not in evaluate and "--data" not in evaluate  # gpt.evaluate's own held-out rows
+    # Pairs: the reward model and DPO validate on dev pairs; the held-out pairs are scored once, after training.
+    pairs = " ".join(words("pairs"))
+    assert "--dev_prompts 300" in pairs and f"--val_source {cfg.dir}/pairs_src/dev.jsonl" in pairs
+    (scored,) = [c for c in pipe.step("reward").commands if "score" in c]
+    assert scored[scored.index("--pairs") + 1] == f"{cfg.dir}/pairs_src/val.jsonl"
+    (metric,) = [m for m in pipe.step("reward").metrics if m.name == "pair accuracy"]
+    assert metric.json == scored[scored.index("--json") + 1] and metric.key == "pair_accuracy"
 
 
 def test_every_pipeline_config_builds():

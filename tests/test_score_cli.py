@@ -101,3 +101,36 @@ def test_a_reward_model_is_refused_where_a_language_model_is_wanted(rm_ckpt, tmp
     assert e.value.code == 2 and err.count("\n") == 1
     assert f"gpt: error: {rm_ckpt}: holds a reward model (recipes/reward.py), not a language model" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_pair_accuracy_of_a_preference_file(rm_ckpt, tmp_path, capsys):
+    """--pairs: the share of rows whose chosen reply scores above the rejected one, and the mean margin,
+    exactly as score_texts ranks them; replies as strings or message lists (make_demo_pairs' files)."""
+    rm, tok = load_reward_model(rm_ckpt)
+    replies = ["5", "6", "4", "five", "I don't know.", "7"]
+    rows = [{"prompt": Q, "chosen": [{"role": "assistant", "content": c}], "rejected": [{"role": "assistant", "content": r}]}
+            for c, r in zip(replies, replies[1:] + replies[:1])] + [{"prompt": "Say hi.", "chosen": "hi", "rejected": "no"}]
+    src = tmp_path / "pairs.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    chosen = rm.score_texts(tok, [Q] * 6 + [[{"role": "user", "content": "Say hi."}]], replies + ["hi"])
+    rejected = rm.score_texts(tok, [Q] * 6 + [[{"role": "user", "content": "Say hi."}]], replies[1:] + replies[:1] + ["no"])
+    margins = [c - r for c, r in zip(chosen, rejected)]
+    code, out, _ = _run(capsys, "--checkpoint", str(rm_ckpt), "--pairs", str(src), "--json", str(tmp_path / "a.json"))
+    got = json.loads((tmp_path / "a.json").read_text())
+    assert code == 0 and got["pairs"] == 7
+    assert got["pair_accuracy"] == sum(m > 0 for m in margins) / 7
+    assert got["margin_mean"] == pytest.approx(sum(margins) / 7, rel=1e-5)
+    assert f"pair accuracy {100 * got['pair_accuracy']:.1f}% of 7 pairs" in out
+
+
+def test_bad_pair_files_are_one_line(rm_ckpt, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "q", "chosen": "a", "rejected": "b"}) + "\n"
+                   + json.dumps({"prompt": "q", "chosen": "a", "rejected": 3}) + "\n")
+    code, _, err = _run(capsys, "--checkpoint", str(rm_ckpt), "--pairs", str(bad), "--json", str(tmp_path / "a.json"))
+    assert code == 2 and err.count("\n") == 1 and f"{bad}:2: field 'rejected' must be a string" in err
+    assert not (tmp_path / "a.json").exists()
+    code, _, err = _run(capsys, "--checkpoint", str(rm_ckpt), "--pairs", str(bad), "--prompt", "q")
+    assert code == 2 and "give --pairs FILE alone" in err
+    code, _, err = _run(capsys, "--checkpoint", str(rm_ckpt), "--prompt", "q", "--response", "a", "--json", "x.json")
+    assert code == 2 and "--json goes with --pairs" in err
