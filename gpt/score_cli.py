@@ -26,7 +26,7 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 
 def _row_pair(row: Any, where: str) -> tuple[list[dict], str]:
@@ -57,23 +57,27 @@ def _row_pair(row: Any, where: str) -> tuple[list[dict], str]:
         raise ValueError(f"{where}: {e}") from None
 
 
-def read_rows(path: str) -> list[dict]:
+def _json_lines(path: str, flag: str) -> Iterator[tuple[str, Any]]:
+    """(FILE:LINE, parsed row) per non-empty line; one-line errors for a missing file or bad JSON."""
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"--input {p}: no such file")
-    rows = []
+        raise FileNotFoundError(f"{flag} {p}: no such file")
     with open(p, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{p}:{lineno}: not JSON ({e.msg})") from None
-            _row_pair(row, f"{p}:{lineno}")
-            rows.append(row)
+            if line.strip():
+                try:
+                    yield f"{p}:{lineno}", json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{p}:{lineno}: not JSON ({e.msg})") from None
+
+
+def read_rows(path: str) -> list[dict]:
+    rows = []
+    for where, row in _json_lines(path, "--input"):
+        _row_pair(row, where)
+        rows.append(row)
     if not rows:
-        raise ValueError(f"{p}: no rows")
+        raise ValueError(f"{path}: no rows")
     return rows
 
 
@@ -88,26 +92,15 @@ def _reply(row: dict, key: str, where: str) -> str:
 
 def read_pairs(path: str) -> list[tuple[list[dict], str, str]]:
     """(prompt messages, chosen reply, rejected reply) per line of a preference JSONL file."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"--pairs {p}: no such file")
     pairs = []
-    with open(p, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{p}:{lineno}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not JSON ({e.msg})") from None
-            if not isinstance(row, dict) or "prompt" not in row:
-                raise ValueError(f"{where}: expected an object with 'prompt', 'chosen' and 'rejected'")
-            chosen, rejected = _reply(row, "chosen", where), _reply(row, "rejected", where)
-            msgs, _ = _row_pair({"prompt": row["prompt"], "response": chosen}, where)
-            pairs.append((msgs, chosen, rejected))
+    for where, row in _json_lines(path, "--pairs"):
+        if not isinstance(row, dict) or "prompt" not in row:
+            raise ValueError(f"{where}: expected an object with 'prompt', 'chosen' and 'rejected'")
+        chosen, rejected = _reply(row, "chosen", where), _reply(row, "rejected", where)
+        msgs, _ = _row_pair({"prompt": row["prompt"], "response": chosen}, where)
+        pairs.append((msgs, chosen, rejected))
     if not pairs:
-        raise ValueError(f"{p}: no rows")
+        raise ValueError(f"{path}: no rows")
     return pairs
 
 
