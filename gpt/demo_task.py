@@ -28,7 +28,9 @@ system prompts) that neither SFT nor the held-out evaluation uses: the prompts o
 preference pairs and of RL, which (as in InstructGPT, whose RL prompts were not its SFT
 prompts) learn from rewards on questions the SFT model was never shown answers to. Measured
 (docs/LOG.md, 2026-11-29 evening): GRPO on the SFT rows' own phrasings (memorized: 73% exact
-match there, 56% held out) left held-out exact match flat; on "post" prompts it rose.
+match there, 56% held out) left held-out exact match flat; on "post" prompts it rose. Its
+phrasings are many (POST_CORES under POST_PREFIXES, 30-67 per family), and none of their turns
+is within a few word edits of another split's (`near_duplicate`).
 
 The development split ("dev") asks about held-out values in a fourth set of phrasings (and
 system prompts): it is for choosing settings and comparing variants, so that "val" is read once
@@ -220,6 +222,85 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
 ]}
 
 
+# ---- the post split asks in many phrasings ----------------------------------------------------
+# Its hand-written phrasings, plus cores under prefixes: 40-90 per family instead of 8. Measured on
+# the dev split (docs/LOG.md, 2026-11-30): a reward model trained on pairs from these prompts ranks
+# dev pairs 3.5 points better (two seeds); GRPO and DPO move within their spread. A phrasing within
+# a few words of another split's (edit distance over words) is left out: "post" stays unseen by
+# SFT and by the evaluations.
+POST_PREFIXES = ("", "Please ", "Quick question: ", "Hey, ", "Now ", "One more: ")
+POST_CORES = {
+    "copy": ('Repeat "{words}".', 'Say "{words}" back.', 'Write "{words}" again.', 'Echo the word "{words}".',
+             'Give me "{words}" once.', 'Reply with just "{words}".', 'Type the word "{words}" for me.', 'Copy "{words}".',
+             'Return the word "{words}".', 'Send back "{words}".', 'Word to repeat: "{words}"',
+             'Output "{words}" and nothing else.'),
+    "first_last": ('Which word is {pos} in "{words}"?', 'Name the {pos} one of "{words}".',
+                   'Give the {pos} word of "{words}".', '"{words}": which word comes {pos}?',
+                   'Tell me the {pos} word from "{words}".', 'What word is {pos} here: "{words}"?',
+                   'Say the word that is {pos} in "{words}".', 'From the words "{words}", pick the {pos}.',
+                   'Looking at "{words}", what is the {pos} word?', 'Return the word in {pos} place in "{words}".'),
+    "count": ('How many words in "{words}"?', 'Count the words of "{words}".', '"{words}": how many words?',
+              'Tell me how many words "{words}" has.', 'Give the word count for "{words}".',
+              'How many words does the text "{words}" contain?', 'Number of words here: "{words}"',
+              'Count how many words you see in "{words}".', 'How many separate words are in "{words}"?',
+              'What is the number of words in "{words}"?'),
+    "compare": ("Which is {rel}: {a} or {b}?", "Of {a} and {b}, say the {rel}.", "{a} or {b}, which one is {rel}?",
+                "Tell me the {rel} of {a} and {b}.", "Pick the {rel} number from {a} and {b}.",
+                "Between {a} and {b}, name the {rel}.", "Give me the {rel} one: {a}, {b}.",
+                "Numbers {a} and {b}: which is {rel}?", "Say which is {rel}, {a} or {b}."),
+    "lookup": ('In "{table}", what is {key}?', "List: {table}. What is {key}?", 'Given "{table}", tell me {key}.',
+               "What number is {key} in {table}?", "From {table}, give the value of {key}.",
+               "Values: {table}. Which number is {key}?", 'Look at "{table}" and say {key}.',
+               'What does {key} map to in "{table}"?', "Find {key} in: {table}.",
+               "Here is a table, {table}. What is {key}?"),
+    "recall": tuple(f"{first}|{second}" for first, seconds in (
+        ('Remember "{words}".', ("What word was that?", "Which word did I give?", "Tell me the word again.")),
+        ('Please keep the word "{words}".', ("Which word did I ask you to keep?", "What was my word?")),
+        ('My word is "{words}".', ("What is my word?", "Say my word.", "Which word is mine?")),
+        ('Here is a word for later: "{words}".', ("Now, what was the word?", "What word did I give you earlier?")),
+        ('Take note: "{words}".', ("What did I ask you to note?", "Which word did you note?"))) for second in seconds),
+    "followup": tuple(f"{first}|{second}" for first, seconds in (
+        ('Reply with "{words}".', ("Say it once more.", "Repeat that.", "Give it to me again.")),
+        ('Give me the word "{words}".', ("A second time, please.", "Same again?")),
+        ('Answer with the word "{words}".', ("Could you say it a second time?", "Echo it once more.")),
+        ('Send me "{words}".', ("Send it again.", "Which word did you send?"))) for second in seconds),
+}
+
+
+def _words_of(template: str) -> list[str]:
+    return re.sub(r"[^a-z{}| ]", " ", template.lower()).split()
+
+
+def _word_distance(a: list[str], b: list[str]) -> int:
+    """Levenshtein distance over words."""
+    row = list(range(len(b) + 1))
+    for i, x in enumerate(a, 1):
+        prev, row[0] = row[0], i
+        for j, y in enumerate(b, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (x != y))
+    return row[-1]
+
+
+def near_duplicate(turn: str, others: list[list[str]]) -> bool:
+    """Within max(1, a quarter of the shorter one's words) word edits of one of `others` (word lists)."""
+    w = _words_of(turn)
+    return any(_word_distance(w, o) <= max(1, min(len(w), len(o)) // 4) for o in others)
+
+
+def _post_templates(fam: Family, others: list[list[str]]) -> tuple[str, ...]:
+    composed = [p + (c[0].lower() + c[1:] if p and c[0].isalpha() else c) for p in POST_PREFIXES
+                for c in POST_CORES[fam.name]]
+    return tuple(dict.fromkeys(t for t in (*fam.templates["post"], *composed)
+                               if not any(near_duplicate(turn, others) for turn in t.split("|"))))
+
+
+# Every user turn of every other split, whatever the family: a post turn must be none of them, nearly.
+_OTHER_TURNS = [_words_of(turn) for f in FAMILIES.values() for s in SPLITS if s != "post"
+                for t in f.templates[s] for turn in t.split("|")]
+for _fam in FAMILIES.values():
+    _fam.templates["post"] = _post_templates(_fam, _OTHER_TURNS)
+
+
 def key_split(key: str) -> Split:
     """The split a value key belongs to: a fixed hash, so the same in every process and version."""
     h = int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big")
@@ -243,7 +324,9 @@ def make_row(family: str, split: Split, rng: random.Random) -> dict:
     messages.append({"role": "assistant", "content": answer})
     if rng.random() < SYSTEM_SHARE:
         messages.insert(0, {"role": "system", "content": rng.choice(SYSTEM_PROMPTS[split])})
-    tid = sum(len(fam.templates[s]) for s in SPLITS[:SPLITS.index(split)]) + t  # template ids unique per family
+    # Template ids are unique per family; "post" (whose phrasings are composed, and may grow) counts last.
+    order = ("train", "val", "dev", "post")
+    tid = sum(len(fam.templates[s]) for s in order[:order.index(split)]) + t
     return {"messages": messages, "family": family, "answer": answer, "split": split,
             "template": f"{family}/{tid}", "key": key}
 

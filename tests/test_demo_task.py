@@ -9,8 +9,8 @@ import pytest
 
 from data_prep.make_demo_task import main, make_demo_task
 from gpt.chat import validate_messages
-from gpt.demo_task import (FAMILIES, SPLITS, SYSTEM_PROMPTS, VALUE_SPLIT, WORDS, check, key_split, make_row, make_rows, normalize,
-                           prompt_messages, reward)
+from gpt.demo_task import (FAMILIES, SPLITS, SYSTEM_PROMPTS, VALUE_SPLIT, WORDS, _word_distance, _words_of, check,
+                           key_split, make_row, make_rows, near_duplicate, normalize, prompt_messages, reward)
 
 
 def words_in(text: str) -> list[str]:
@@ -138,8 +138,25 @@ def test_dev_split_asks_held_out_values_in_phrasings_of_its_own():
     systems = {r["messages"][0]["content"] for r in rows["dev"] if r["messages"][0]["role"] == "system"}
     assert systems == set(SYSTEM_PROMPTS["dev"])
     digest = lambda rows: hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16]
-    assert {s: digest(make_rows(500, s, seed=0)) for s in ("train", "val", "post")} == \
-        {"train": "9e9de4c7daca0a8e", "val": "9bd706798e67eaa6", "post": "771828c0798330e5"}
+    assert {s: digest(make_rows(500, s, seed=0)) for s in ("train", "val")} == \
+        {"train": "9e9de4c7daca0a8e", "val": "9bd706798e67eaa6"}
+
+
+def test_post_phrasings_are_many_and_no_turn_is_near_another_splits():
+    """The post split's composed phrasings: 30+ per family, and none of their user turns within a few
+    word edits of any turn of another split (any family), so post stays unseen by SFT and by both
+    evaluations; the check is the same near_duplicate that builds the pool, tested on its own here."""
+    assert near_duplicate('Please count the words of "{words}".', [_words_of('Please count the words in "{words}".')])
+    assert not near_duplicate('Type "{words}".', [_words_of('Say again: "{words}"')])
+    others = [_words_of(turn) for f in FAMILIES.values() for s in ("train", "val", "dev")
+              for t in f.templates[s] for turn in t.split("|")]
+    for fam in FAMILIES.values():
+        assert len(fam.templates["post"]) >= 30, (fam.name, len(fam.templates["post"]))
+        for t in fam.templates["post"]:
+            for turn in t.split("|"):
+                w = _words_of(turn)
+                assert all(_word_distance(w, o) > max(1, min(len(w), len(o)) // 4) for o in others), turn
+    assert _word_distance("a b c".split(), "a x c d".split()) == 2
 
 
 def test_unknown_family_and_split():
