@@ -7,7 +7,8 @@
 # (/tmp/whl311: .gpu/whl with the cp311 builds of pydantic_core and multiprocess in place of the cp312
 # ones, for a Python 3.11 venv; the GPU machine's python3 is 3.12.)
 #
-# Needs .gpu/ (git-ignored, carried to the machine): .gpu/whl/ wheels of what the machine lacks
+# Needs .gpu/ (git-ignored, carried to the machine; `bash scripts/gpu_prepare.sh` after `make demo` builds it):
+# .gpu/whl/ wheels of what the machine lacks
 # (jsonargparse, deepspeed, pydantic, datasets, ... at the versions of our .venv) and .gpu/data/ (a
 # copy of runs/demo's tokenizer.json, shards/, sft_data/, pairs/, task/{val,dev,post}.jsonl and the
 # SFT export sft/hf, laid out as in runs/demo). The wheels go into /tmp/site (--no-deps), nothing
