@@ -223,11 +223,11 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
 
 
 # ---- the post split asks in many phrasings ----------------------------------------------------
-# Its hand-written phrasings, plus cores under prefixes: 40-90 per family instead of 8. Measured on
-# the dev split (docs/LOG.md, 2026-11-30): a reward model trained on pairs from these prompts ranks
-# dev pairs 3.5 points better (two seeds); GRPO and DPO move within their spread. A phrasing within
-# a few words of another split's (edit distance over words) is left out: "post" stays unseen by
-# SFT and by the evaluations.
+# Its hand-written phrasings, plus cores under prefixes: 30-67 per family instead of 8. A phrasing
+# whose turn is within a few words of any other split's turn (edit distance over words) is left out,
+# so "post" stays unseen by SFT and by both evaluations. The old split had 9 turns within a word of
+# held-out ones, and GRPO's held-out gain leaned on them (+4.7 then, +3.0 without: docs/LOG.md,
+# 2026-11-30).
 POST_PREFIXES = ("", "Please ", "Quick question: ", "Hey, ", "Now ", "One more: ")
 POST_CORES = {
     "copy": ('Repeat "{words}".', 'Say "{words}" back.', 'Write "{words}" again.', 'Echo the word "{words}".',
