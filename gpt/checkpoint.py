@@ -152,6 +152,9 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", *,
         raise CheckpointError(f"{p}: no such file or directory")
     if p.is_file() and p.name in (WEIGHTS, CONFIG):
         p = p.parent  # pointed at a file of a checkpoint directory
+    if not reward_model_ok:  # from the metadata, before any weights are read
+        refuse_reward_model(p, str(p), "a language model is wanted here (a reward model is read with "
+                            "gpt.reward.load_reward_model, or scores replies with gpt score)")
     try:
         if p.is_dir():
             model, tokenizer = _load_dir(p)
@@ -163,9 +166,6 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", *,
         raise CheckpointError(f"{p}: {one_line(e)}") from None
     if tokenizer is not None:
         check_vocab(tokenizer, model.config, f"{p}: the checkpoint's tokenizer")
-    if not reward_model_ok:
-        refuse_reward_model(p, str(p), "a language model is wanted here (a reward model is read with "
-                            "gpt.reward.load_reward_model, or scores replies with gpt score)")
     return model.to(device).eval(), tokenizer
 
 

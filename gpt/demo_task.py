@@ -56,6 +56,9 @@ SPLITS = ("train", "val", "post", "dev")
 # "post" asks about training values; "dev" about held-out ones (the same value space as "val": neither is trained on)
 VALUE_SPLIT = {"train": "train", "val": "val", "post": "train", "dev": "val"}
 VAL_SHARE = 0.2  # share of value keys held out
+# Template ids are unique per family, counted over the splits in this order: "post" last, since its
+# phrasings are composed and may grow, and the other splits' rows must not change when they do.
+TEMPLATE_ID_ORDER = ("train", "val", "dev", "post")
 
 # Nouns that are one token with and without a leading space in the demo tokenizer, so copying
 # a word from the question into the answer is copying a token.
@@ -324,9 +327,7 @@ def make_row(family: str, split: Split, rng: random.Random) -> dict:
     messages.append({"role": "assistant", "content": answer})
     if rng.random() < SYSTEM_SHARE:
         messages.insert(0, {"role": "system", "content": rng.choice(SYSTEM_PROMPTS[split])})
-    # Template ids are unique per family; "post" (whose phrasings are composed, and may grow) counts last.
-    order = ("train", "val", "dev", "post")
-    tid = sum(len(fam.templates[s]) for s in order[:order.index(split)]) + t
+    tid = sum(len(fam.templates[s]) for s in TEMPLATE_ID_ORDER[:TEMPLATE_ID_ORDER.index(split)]) + t
     return {"messages": messages, "family": family, "answer": answer, "split": split,
             "template": f"{family}/{tid}", "key": key}
 

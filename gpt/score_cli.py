@@ -125,9 +125,9 @@ def score_pairs(checkpoint: str, pairs: str, json_path: Optional[str], batch_siz
     print(f"gpt score: pair accuracy {100 * result['pair_accuracy']:.1f}% of {result['pairs']} pairs "
           f"(chosen scored above rejected), mean margin {result['margin_mean']:.4g}")
     if json_path:
-        from gpt.shards import atomic_write_bytes
+        from gpt.lm_eval import write_json  # as gpt eval's and gpt.evaluate's --json: atomic, parents made
 
-        atomic_write_bytes(json_path, (json.dumps(result, indent=2) + "\n").encode())
+        write_json(result, json_path)
     return result
 
 
