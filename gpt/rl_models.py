@@ -16,6 +16,7 @@ place, another path) is refused: the objective would change under the run. Used 
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 from typing import Any, Optional
 
 import lightning as L
@@ -53,6 +54,8 @@ def check_frozen_sources(reference: Optional[str], reward_model: Optional[str], 
     model is read whole only when its metadata does not say so, for load_reward_model's own line
     (no such file, unreadable, a language model)."""
     if reference:
+        if not Path(reference).exists():
+            raise CheckpointError(f"model.reference {reference}: no such file or directory")
         refuse_reward_model(reference, f"model.reference {reference}", "the reference is a language model")
     for flag, path in (("model.reward_model", reward_model), ("model.critic", critic)):
         if path and "reward_head" not in announced_heads(path):

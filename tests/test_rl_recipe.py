@@ -99,6 +99,16 @@ def test_a_wrong_reward_model_is_refused_before_the_run_starts(tmp_path, inputs,
     assert not (tmp_path / "run" / "run.json").exists()
 
 
+def test_a_missing_reference_is_refused_before_the_run_starts(tmp_path, inputs):
+    # Before: the first rollout's load_model named the file, after the run directory existed.
+    missing = str(tmp_path / "nowhere.ckpt")
+    cfg = write_rl_config(tmp_path / "c.yaml", tmp_path / "run", inputs, max_steps=2, reference=missing)
+    p = _run(cfg, check=False)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert p.stderr.strip().splitlines()[-1] == f"error: model.reference {missing}: no such file or directory"
+    assert not (tmp_path / "run" / "run.json").exists()
+
+
 def test_a_reward_model_as_the_reference_is_refused_before_the_run_starts(tmp_path, inputs):
     # Before: load_model read the reward model's GPT, whose LM head is stale, and the KL ran against it.
     cfg = write_rl_config(tmp_path / "c.yaml", tmp_path / "run", inputs, max_steps=2, reference=inputs["rm"])
