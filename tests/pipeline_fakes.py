@@ -45,7 +45,11 @@ def main() -> int:
     try:
         for step in range(start, a.steps):
             time.sleep(a.sleep)
-            state.write_text(str(step + 1))
+            # temp + rename, as the recipes save: a SIGINT landing inside write_text (after the
+            # truncate, before the digits) left an empty state file (a CI flake, 2026-11-30).
+            tmp = state.with_name(state.name + ".tmp")
+            tmp.write_text(str(step + 1))
+            os.replace(tmp, state)
             if not a.quiet:
                 print(f"{a.name}: step {step + 1}", flush=True)
     except KeyboardInterrupt:
