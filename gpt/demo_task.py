@@ -67,7 +67,25 @@ WORDS = ("age", "air", "bed", "day", "ear", "form", "fort", "hat", "head", "hear
 
 SYSTEM_PROMPTS = {
     "train": ("You are a helpful assistant.", "Answer with just the answer.", "Be brief.",
-              "You are a concise assistant. Reply with the answer only."),
+              "You are a concise assistant. Reply with the answer only.",
+              # Many more, of every kind a user writes (persona, tone, format, length, context), so that
+              # no word of a system turn is a cue for a family: with four, a held-out system prompt that
+              # said "words" made the model count (docs/LOG.md, 2026-11-29 late night and 2026-11-30).
+              "You are a friendly tutor.", "You are Ada, an AI assistant.", "Be polite.",
+              "Today is Monday.", "The user is learning English.", "Be direct.",
+              "You are a terse bot.", "No explanations, please.", "Respond in plain text.",
+              "One word or one number per reply is best.", "Do not use full sentences.",
+              "You help people with small puzzles.", "You are precise and careful.",
+              "Think, then answer with only the result.", "Use lowercase if you like.",
+              "You are a quiz master's assistant.", "Never add extra words to an answer.",
+              "The user prefers minimal replies.", "Write the answer and nothing else.",
+              "You are an expert at lists and numbers.", "Stay on topic.",
+              "You are a calm and patient helper.", "Short replies only.",
+              "Count carefully when counting, copy carefully when copying.",
+              "Answers are checked by a program, so give the exact answer.", "Avoid punctuation where possible.",
+              "You are a model trained to follow instructions.", "Help the user.",
+              "Your name is Sam.", "The conversation may have several turns.",
+              "Be accurate.", "Do what the user asks."),
     "val": ("Reply briefly.", "You are an assistant that answers in as few words as possible."),
     "post": ("Keep it short.", "You are a chat assistant. Give only the answer."),
     "dev": ("Give short answers.", "You are a helpful assistant. Keep your replies as short as possible."),
