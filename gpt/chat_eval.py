@@ -147,5 +147,6 @@ class ChatEval(Callback):
                 logger.log_text(key="chat_replies", columns=["step", "family", "prompt", "reply", "answer", "correct"],
                                 data=data, step=step)
         fams = ", ".join(f"{f} {100 * metrics[f'val/exact_match/{f}']:.0f}%" for f in self.families)
-        print(f"[step {step}] held-out exact-match {100 * metrics['val/exact_match']:.1f}% of {len(self.rows)} "
+        # Named by its file: in the demo this is the dev split, not the held-out one read once per stage.
+        print(f"[step {step}] exact-match on {Path(self.data).name} {100 * metrics['val/exact_match']:.1f}% of {len(self.rows)} "
               f"(ended its turn {100 * metrics['val/ended']:.0f}%): {fams}", flush=True)
