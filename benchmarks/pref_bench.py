@@ -26,7 +26,7 @@ pair accuracy on all the val pairs, each side's trained model scoring chosen and
 (ours through gpt.reward.RewardModel.score_texts, TRL's by its model on the template's tokens).
 
 DPO. Ours: recipes/dpo.py (gpt.dpo.DPOModule: the reference's log-probs computed once before
-the first step, one forward per step), beta 0.1, sigmoid loss, the config's lr. TRL: DPOTrainer with
+the first step, one forward per step), the config's beta and lr, sigmoid loss. TRL: DPOTrainer with
 precompute_ref_log_probs True (also once, before training) and False (a frozen copy of the
 model does a second forward every step). Quality: held-out exact-match of the trained model on
 the first 300 rows of the task's val.jsonl through OUR evaluator (gpt.evaluate: greedy, KV
@@ -276,8 +276,9 @@ def ratios(ours: dict[str, float], other: dict[str, float]) -> str:
             f"{ours['pairs_per_cpu_sec'] / other['pairs_per_cpu_sec']:.2f}x pairs per CPU second")
 
 
-def _lr(kind: str) -> str:
-    return f"{yaml.safe_load(CONFIGS[kind].read_text())['model']['lr']:g}"
+def _lr(kind: str, key: str = "lr") -> str:
+    """A model setting of the stage's config (both sides train with it), for the table's caption."""
+    return f"{yaml.safe_load(CONFIGS[kind].read_text())['model'][key]:g}"
 
 
 def n_pairs(pairs_src: str, split: str = "train") -> str:
@@ -311,7 +312,7 @@ def report(rm: Optional[dict], dpo: Optional[dict], sft_em: Optional[dict], a: a
         if sft_em:
             rows.append(["SFT model (before DPO)", 0, "", "", "", "", "", "", f"{100 * sft_em['exact_match']:.1f}%"])
         ours, pre, nopre = (r["speed"] for r in dpo.values())
-        text += (f"DPO (beta 0.1, sigmoid, lr {_lr('dpo')}); exact-match = the first {a.eval_rows} held-out task rows through "
+        text += (f"DPO (beta {_lr('dpo', 'beta')}, sigmoid, lr {_lr('dpo')}); exact-match = the first {a.eval_rows} held-out task rows through "
                  "gpt.evaluate (greedy, 24 new tokens) for every model; \"reference s\" = the one-off pass over the "
                  "pairs before the first step (ours also scores the val pairs in it):\n\n"
                  + markdown_table(head + ["reference s", "pairs/s incl. reference", "held-out exact-match"], rows)
