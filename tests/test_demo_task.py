@@ -65,6 +65,8 @@ def test_training_has_many_system_prompts_none_near_another_splits():
     assert len(SYSTEM_PROMPTS["train"]) >= 30
     others = [_words_of(t) for s in SPLITS if s != "train" for t in SYSTEM_PROMPTS[s]]
     assert not [t for t in SYSTEM_PROMPTS["train"] if near_duplicate(t, others)]
+    # A system turn never holds a value (a task word or a digit) that a reply could copy.
+    assert not [t for s in SPLITS for t in SYSTEM_PROMPTS[s] if words_in(t.lower()) or re.search(r"\d", t)]
 
 
 @pytest.mark.parametrize("split", ["train", "val", "post", "dev"])
