@@ -34,9 +34,10 @@ def write_rl_inputs(out: Path, n_train: int = 64, n_val: int = 8, seed: int = 0)
     (out / "tokenizer.json").write_text(tok.to_str())
     torch.manual_seed(seed)
     save_model(GPT(GPTConfig.from_preset("tiny", **TINY)), out / "sft", tokenizer=tok)
-    for split, n in (("train", n_train), ("val", n_val)):
+    # RL's prompts are the task's "post" split, as in the demo (not SFT's rows, which change with SFT's data).
+    for name, split, n in (("train", "post", n_train), ("val", "val", n_val)):
         rows = make_rows(n, split, seed=0, families=["count", "compare", "copy", "first_last"])
-        (out / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (out / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return {"sft": str(out / "sft"), "tokenizer": str(out / "tokenizer.json"), "train": str(out / "train.jsonl"),
             "val": str(out / "val.jsonl"), "rm": write_reward_model(out / "rm.ckpt")}
 
