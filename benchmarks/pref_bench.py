@@ -276,7 +276,7 @@ def ratios(ours: dict[str, float], other: dict[str, float]) -> str:
             f"{ours['pairs_per_cpu_sec'] / other['pairs_per_cpu_sec']:.2f}x pairs per CPU second")
 
 
-def _lr(kind: str, key: str = "lr") -> str:
+def _setting(kind: str, key: str) -> str:
     """A model setting of the stage's config (both sides train with it), for the table's caption."""
     return f"{yaml.safe_load(CONFIGS[kind].read_text())['model'][key]:g}"
 
@@ -302,7 +302,7 @@ def report(rm: Optional[dict], dpo: Optional[dict], sft_em: Optional[dict], a: a
     if rm:
         rows = [[name, a.rm_steps, *speed_cells(r["speed"]), f"{100 * r['accuracy']:.1f}%"] for name, r in rm.items()]
         ours, trl = (r["speed"] for r in rm.values())
-        text += (f"Reward model (lr {_lr('rm')}); accuracy = held-out pairs ({n_pairs(a.pairs_src, 'val')} val pairs) whose chosen reply the trained "
+        text += (f"Reward model (lr {_setting('rm', 'lr')}); accuracy = held-out pairs ({n_pairs(a.pairs_src, 'val')} val pairs) whose chosen reply the trained "
                  "model scores above the rejected one:\n\n" + markdown_table(head + ["held-out pair accuracy"], rows)
                  + f"\nOurs / TRL: {ratios(ours, trl)}.\n\n")
     if dpo:
@@ -312,7 +312,7 @@ def report(rm: Optional[dict], dpo: Optional[dict], sft_em: Optional[dict], a: a
         if sft_em:
             rows.append(["SFT model (before DPO)", 0, "", "", "", "", "", "", f"{100 * sft_em['exact_match']:.1f}%"])
         ours, pre, nopre = (r["speed"] for r in dpo.values())
-        text += (f"DPO (beta {_lr('dpo', 'beta')}, sigmoid, lr {_lr('dpo')}); exact-match = the first {a.eval_rows} held-out task rows through "
+        text += (f"DPO (beta {_setting('dpo', 'beta')}, sigmoid, lr {_setting('dpo', 'lr')}); exact-match = the first {a.eval_rows} held-out task rows through "
                  "gpt.evaluate (greedy, 24 new tokens) for every model; \"reference s\" = the one-off pass over the "
                  "pairs before the first step (ours also scores the val pairs in it):\n\n"
                  + markdown_table(head + ["reference s", "pairs/s incl. reference", "held-out exact-match"], rows)

@@ -77,3 +77,6 @@ def test_report_states_the_ratios_of_both_comparisons():
     assert "| ours | 150 | 0.533 | 30.0 | 0.800 | 20.0 | 95.0% |" in body
     assert "`python -m benchmarks.pref_bench --sft S --tokenizer T --pairs P --pairs_src PS --task_val V " in body
     assert "| SFT model (before DPO) | 0 |" in body and "50.0%" in body
+    # The caption states the β both sides trained with: the config's (it once said 0.1 whatever the config held).
+    dpo_model = yaml.safe_load(CONFIGS["dpo"].read_text())["model"]
+    assert f"DPO (beta {dpo_model['beta']:g}, sigmoid, lr {dpo_model['lr']:g})" in body
